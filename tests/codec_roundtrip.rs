@@ -30,7 +30,7 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
     let ack = |n: u16, reason: ReasonCode| Ack {
         packet_id: pid(n),
         reason: if v5 { reason } else { ReasonCode::SUCCESS },
-        properties: props(rich_properties()),
+        properties: v5.then(|| Box::new(rich_properties())),
     };
     let connect_props = Properties {
         session_expiry_interval: Some(3600),
@@ -102,12 +102,12 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
             password: Some(Bytes::from_static(b"p\x00ss")),
             properties: props(connect_props),
         })),
-        Packet::ConnAck(ConnAck { session_present: true, code: ReasonCode(0), properties: props(connack_props) }),
-        Packet::ConnAck(ConnAck {
+        Packet::ConnAck(Box::new(ConnAck { session_present: true, code: ReasonCode(0), properties: props(connack_props) })),
+        Packet::ConnAck(Box::new(ConnAck {
             session_present: false,
             code: if v5 { ReasonCode::BAD_AUTHENTICATION_METHOD } else { ConnectReturnCode::NOT_AUTHORIZED },
             properties: Properties::default(),
-        }),
+        })),
         Packet::Publish(Publish::new("a/b", QoS::AtMostOnce, Bytes::from_static(b"hello"))),
         Packet::Publish(Publish {
             dup: true,
@@ -128,7 +128,7 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
         Packet::PubRec(ack(3, ReasonCode::QUOTA_EXCEEDED)),
         Packet::PubRel(ack(4, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)),
         Packet::PubComp(ack(5, ReasonCode::SUCCESS)),
-        Packet::Subscribe(Subscribe {
+        Packet::Subscribe(Box::new(Subscribe {
             packet_id: pid(6),
             filters: vec![
                 (s("a/+"), SubscriptionOptions::new(QoS::AtMostOnce)),
@@ -144,48 +144,48 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
                 (s("$share/g/c"), SubscriptionOptions::new(QoS::AtLeastOnce)),
             ],
             properties: props(Properties { subscription_identifiers: vec![42], ..Default::default() }),
-        }),
-        Packet::SubAck(SubAck {
+        })),
+        Packet::SubAck(Box::new(SubAck {
             packet_id: pid(6),
             codes: vec![ReasonCode(0), ReasonCode(2), ReasonCode(0x80)],
             properties: props(rich_properties()),
-        }),
-        Packet::Unsubscribe(Unsubscribe {
+        })),
+        Packet::Unsubscribe(Box::new(Unsubscribe {
             packet_id: pid(7),
             filters: vec![s("a/+"), s("b/#")],
             properties: props(Properties { user_properties: vec![(s("u"), s("p"))], ..Default::default() }),
-        }),
-        Packet::UnsubAck(UnsubAck {
+        })),
+        Packet::UnsubAck(Box::new(UnsubAck {
             packet_id: pid(7),
             codes: if v5 { vec![ReasonCode::SUCCESS, ReasonCode::NO_SUBSCRIPTION_EXISTED] } else { vec![] },
             properties: props(rich_properties()),
-        }),
+        })),
         Packet::PingReq,
         Packet::PingResp,
-        Packet::Disconnect(Disconnect::default()),
+        Packet::Disconnect(Box::new(Disconnect::default())),
     ];
     if let Packet::Connect(c) = &mut out[0] {
         c.protocol = v;
     }
     if v5 {
-        out.push(Packet::Disconnect(Disconnect {
+        out.push(Packet::Disconnect(Box::new(Disconnect {
             reason: ReasonCode::DISCONNECT_WITH_WILL,
             properties: Properties {
                 session_expiry_interval: Some(7),
                 server_reference: Some(s("elsewhere")),
                 ..rich_properties()
             },
-        }));
-        out.push(Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)));
-        out.push(Packet::Auth(Auth::default()));
-        out.push(Packet::Auth(Auth {
+        })));
+        out.push(Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER))));
+        out.push(Packet::Auth(Box::new(Auth::default())));
+        out.push(Packet::Auth(Box::new(Auth {
             reason: ReasonCode::CONTINUE_AUTHENTICATION,
             properties: Properties {
                 authentication_method: Some(s("SCRAM-SHA-1")),
                 authentication_data: Some(Bytes::from_static(b"nonce")),
                 ..rich_properties()
             },
-        }));
+        })));
     }
     out
 }

@@ -20,7 +20,7 @@ pub use connect::{ConnAck, Connect, Will};
 pub use control::{Auth, Disconnect};
 pub use error::DecodeError;
 pub use properties::{id as property_id, Properties, PropertyContext, MAX_REPEATED};
-pub use publish::{Ack, Publish};
+pub use publish::{Ack, Publish, PublishRef};
 pub use reason::{allowed_v5, ConnectReturnCode, ReasonCode, ReasonContext};
 pub use subscribe::{RetainHandling, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe};
 pub use wire::MqttStr;
@@ -87,20 +87,20 @@ pub mod packet_type {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Packet {
     Connect(Box<Connect>),
-    ConnAck(ConnAck),
+    ConnAck(Box<ConnAck>),
     Publish(Publish),
     PubAck(Ack),
     PubRec(Ack),
     PubRel(Ack),
     PubComp(Ack),
-    Subscribe(Subscribe),
-    SubAck(SubAck),
-    Unsubscribe(Unsubscribe),
-    UnsubAck(UnsubAck),
+    Subscribe(Box<Subscribe>),
+    SubAck(Box<SubAck>),
+    Unsubscribe(Box<Unsubscribe>),
+    UnsubAck(Box<UnsubAck>),
     PingReq,
     PingResp,
-    Disconnect(Disconnect),
-    Auth(Auth),
+    Disconnect(Box<Disconnect>),
+    Auth(Box<Auth>),
 }
 
 /// The largest packet the protocol can express: a 4-byte remaining length plus the fixed header.
@@ -116,6 +116,28 @@ pub fn parse_fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, Deco
         Some((remaining, n)) => Ok(Some((first, 1 + n, remaining as usize))),
         None => Ok(None),
     }
+}
+
+/// The next complete frame in `buf`, checked but not decoded: (first header byte, header length,
+/// total length). For the hot path: the caller parses a PUBLISH in place with `PublishRef::parse`
+/// and advances the buffer itself, and hands anything else to `decode`. `Ok(None)`: incomplete.
+pub fn next_frame(
+    buf: &[u8],
+    version: Option<ProtocolVersion>,
+    max_packet_size: usize,
+) -> Result<Option<(u8, usize, usize)>, DecodeError> {
+    let Some((first, header_len, remaining)) = parse_fixed_header(buf)? else {
+        return Ok(None);
+    };
+    let size = header_len + remaining;
+    if size > max_packet_size {
+        return Err(DecodeError::PacketTooLarge { size, max: max_packet_size });
+    }
+    check_flags(first >> 4, first & 0x0f, version)?;
+    if buf.len() < size {
+        return Ok(None);
+    }
+    Ok(Some((first, header_len, size)))
 }
 
 /// Decodes one packet from the front of `buf`, consuming its bytes.
@@ -145,23 +167,28 @@ pub fn decode(
     }
     let mut frame = buf.split_to(size);
     frame.advance(header_len);
-    let mut r = Reader::new(frame.freeze());
+    if kind == packet_type::PUBLISH {
+        if let Some(v) = version {
+            return Ok(Some(Packet::Publish(Publish::decode(frame.freeze(), flags, v)?)));
+        }
+    }
+    let mut r = Reader::new(frame);
     let Some(v) = version else {
         return Ok(Some(Packet::Connect(Box::new(Connect::decode(&mut r)?))));
     };
     use packet_type::*;
     let packet = match kind {
         CONNECT => Packet::Connect(Box::new(Connect::decode(&mut r)?)),
-        CONNACK => Packet::ConnAck(ConnAck::decode(&mut r, v)?),
-        PUBLISH => Packet::Publish(Publish::decode(&mut r, flags, v)?),
+        CONNACK => Packet::ConnAck(Box::new(ConnAck::decode(&mut r, v)?)),
+        PUBLISH => unreachable!("PUBLISH is decoded above"),
         PUBACK => Packet::PubAck(Ack::decode(&mut r, v, ReasonContext::PubAck)?),
         PUBREC => Packet::PubRec(Ack::decode(&mut r, v, ReasonContext::PubAck)?),
         PUBREL => Packet::PubRel(Ack::decode(&mut r, v, ReasonContext::PubRel)?),
         PUBCOMP => Packet::PubComp(Ack::decode(&mut r, v, ReasonContext::PubRel)?),
-        SUBSCRIBE => Packet::Subscribe(Subscribe::decode(&mut r, v)?),
-        SUBACK => Packet::SubAck(SubAck::decode(&mut r, v)?),
-        UNSUBSCRIBE => Packet::Unsubscribe(Unsubscribe::decode(&mut r, v)?),
-        UNSUBACK => Packet::UnsubAck(UnsubAck::decode(&mut r, v)?),
+        SUBSCRIBE => Packet::Subscribe(Box::new(Subscribe::decode(&mut r, v)?)),
+        SUBACK => Packet::SubAck(Box::new(SubAck::decode(&mut r, v)?)),
+        UNSUBSCRIBE => Packet::Unsubscribe(Box::new(Unsubscribe::decode(&mut r, v)?)),
+        UNSUBACK => Packet::UnsubAck(Box::new(UnsubAck::decode(&mut r, v)?)),
         PINGREQ => {
             r.finish()?;
             Packet::PingReq
@@ -170,8 +197,8 @@ pub fn decode(
             r.finish()?;
             Packet::PingResp
         }
-        DISCONNECT => Packet::Disconnect(Disconnect::decode(&mut r, v)?),
-        AUTH => Packet::Auth(Auth::decode(&mut r)?),
+        DISCONNECT => Packet::Disconnect(Box::new(Disconnect::decode(&mut r, v)?)),
+        AUTH => Packet::Auth(Box::new(Auth::decode(&mut r)?)),
         _ => return Err(DecodeError::ReservedPacketType(kind)),
     };
     Ok(Some(packet))

@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::wire::{put_str, MqttStr, Reader};
+use super::wire::{parse_varint, put_str, topic_name_str, MqttStr, Reader};
 use super::{
     allowed_v5, header_len, packet_type, put_header, put_packet_id, read_packet_id, DecodeError, PacketId, Properties,
     PropertyContext, ProtocolVersion, QoS, ReasonCode, ReasonContext,
@@ -26,39 +26,10 @@ impl Publish {
         Publish { topic: topic.into(), qos, payload: payload.into(), ..Default::default() }
     }
 
-    pub(super) fn decode(r: &mut Reader, flags: u8, v: ProtocolVersion) -> Result<Publish, DecodeError> {
-        // check_flags has already refused QoS 3 and DUP on QoS 0.
-        let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::InvalidQoS)?;
-        let topic = r.string()?;
-        if memchr::memchr2(b'+', b'#', topic.as_bytes()).is_some() {
-            return Err(DecodeError::WildcardInTopicName);
-        }
-        let packet_id = if qos == QoS::AtMostOnce { None } else { Some(read_packet_id(r)?) };
-        let properties = if v.is_v5() {
-            let p = Properties::decode(r, PropertyContext::Publish)?;
-            if topic.is_empty() && p.topic_alias.is_none() {
-                return Err(DecodeError::EmptyTopicWithoutAlias);
-            }
-            if p.is_empty() {
-                None
-            } else {
-                Some(Box::new(p))
-            }
-        } else {
-            if topic.is_empty() {
-                return Err(DecodeError::EmptyTopicName);
-            }
-            None
-        };
-        Ok(Publish {
-            dup: flags & 0x08 != 0,
-            qos,
-            retain: flags & 0x01 != 0,
-            topic,
-            packet_id,
-            properties,
-            payload: r.rest(),
-        })
+    /// Decodes from a frozen packet body: topic and payload become slices of `body`.
+    pub(super) fn decode(body: Bytes, flags: u8, v: ProtocolVersion) -> Result<Publish, DecodeError> {
+        let p = PublishRef::parse(&body, flags, v)?;
+        Ok(p.to_owned_in(&body))
     }
 
     /// The first byte of the fixed header.
@@ -110,17 +81,109 @@ impl Publish {
     }
 }
 
+/// A PUBLISH borrowed from the read buffer: the broker's hot path parses it, routes it and lets
+/// the buffer go, with no allocation and no reference counting for topic or payload. Only a 5.0
+/// property block, when present, is copied out (into `properties`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishRef<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: Option<PacketId>,
+    pub properties: Option<Box<Properties>>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> PublishRef<'a> {
+    /// Parses a PUBLISH body (what follows the fixed header); `flags` is the header's low nibble.
+    pub fn parse(body: &'a [u8], flags: u8, v: ProtocolVersion) -> Result<PublishRef<'a>, DecodeError> {
+        let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::InvalidQoS)?;
+        if flags & 0x08 != 0 && qos == QoS::AtMostOnce {
+            return Err(DecodeError::DupOnQoS0);
+        }
+        let (&[t0, t1], rest) = body.split_first_chunk::<2>().ok_or(DecodeError::Truncated)?;
+        let tlen = u16::from_be_bytes([t0, t1]) as usize;
+        if rest.len() < tlen {
+            return Err(DecodeError::Truncated);
+        }
+        let (topic, mut rest) = rest.split_at(tlen);
+        let topic = topic_name_str(topic)?;
+        let packet_id = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            let (&[a, b], r) = rest.split_first_chunk::<2>().ok_or(DecodeError::Truncated)?;
+            rest = r;
+            Some(PacketId::new(u16::from_be_bytes([a, b])).ok_or(DecodeError::ZeroPacketId)?)
+        };
+        let properties = if v.is_v5() {
+            let (len, n) = parse_varint(rest)?.ok_or(DecodeError::Truncated)?;
+            let len = len as usize;
+            if rest.len() < n + len {
+                return Err(DecodeError::Truncated);
+            }
+            let block = &rest[..n + len];
+            rest = &rest[n + len..];
+            let p = if len == 0 {
+                None
+            } else {
+                let mut r = Reader::new(BytesMut::from(block));
+                Some(Box::new(Properties::decode(&mut r, PropertyContext::Publish)?))
+            };
+            if topic.is_empty() && p.as_ref().is_none_or(|p| p.topic_alias.is_none()) {
+                return Err(DecodeError::EmptyTopicWithoutAlias);
+            }
+            p
+        } else {
+            if topic.is_empty() {
+                return Err(DecodeError::EmptyTopicName);
+            }
+            None
+        };
+        Ok(PublishRef { dup: flags & 0x08 != 0, qos, retain: flags & 0x01 != 0, topic, packet_id, properties, payload: rest })
+    }
+
+    /// An owned `Publish` whose topic and payload are slices of `body`, which must be the buffer
+    /// this was parsed from.
+    pub fn to_owned_in(&self, body: &Bytes) -> Publish {
+        Publish {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: MqttStr::from_validated(body.slice_ref(self.topic.as_bytes())),
+            packet_id: self.packet_id,
+            properties: self.properties.clone(),
+            payload: body.slice_ref(self.payload),
+        }
+    }
+
+    /// An owned `Publish` with topic and payload copied: for a message that must outlive the read
+    /// buffer (retained, queued) when the buffer is not shared.
+    pub fn to_owned_copy(&self) -> Publish {
+        Publish {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: MqttStr::from_validated(Bytes::copy_from_slice(self.topic.as_bytes())),
+            packet_id: self.packet_id,
+            properties: self.properties.clone(),
+            payload: Bytes::copy_from_slice(self.payload),
+        }
+    }
+}
+
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share one layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
     pub packet_id: PacketId,
     pub reason: ReasonCode,
-    pub properties: Properties,
+    /// Boxed for the same reason as in `Publish`: acknowledgements are on the hot path.
+    pub properties: Option<Box<Properties>>,
 }
 
 impl Ack {
     pub fn new(packet_id: PacketId) -> Self {
-        Ack { packet_id, reason: ReasonCode::SUCCESS, properties: Properties::default() }
+        Ack { packet_id, reason: ReasonCode::SUCCESS, properties: None }
     }
 
     pub(super) fn decode(r: &mut Reader, v: ProtocolVersion, ctx: ReasonContext) -> Result<Ack, DecodeError> {
@@ -132,7 +195,8 @@ impl Ack {
                 return Err(DecodeError::InvalidReasonCode { packet, code: a.reason.0 });
             }
             if !r.is_empty() {
-                a.properties = Properties::decode(r, PropertyContext::Ack)?;
+                let p = Properties::decode(r, PropertyContext::Ack)?;
+                a.properties = (!p.is_empty()).then(|| Box::new(p));
             }
         }
         r.finish()?;
@@ -141,14 +205,17 @@ impl Ack {
 
     pub(super) fn encode(&self, first: u8, v: ProtocolVersion, out: &mut BytesMut) {
         // 3.4.2.1: the reason code and properties may be left out when success and empty.
-        if !v.is_v5() || (self.reason == ReasonCode::SUCCESS && self.properties.is_empty()) {
+        let props = self.properties.as_deref().filter(|p| !p.is_empty());
+        if !v.is_v5() || (self.reason == ReasonCode::SUCCESS && props.is_none()) {
             put_header(out, first, 2);
             put_packet_id(out, self.packet_id);
             return;
         }
-        put_header(out, first, 3 + self.properties.wire_len());
+        let empty = Properties::default();
+        let props = props.unwrap_or(&empty);
+        put_header(out, first, 3 + props.wire_len());
         put_packet_id(out, self.packet_id);
         out.put_u8(self.reason.0);
-        self.properties.encode(out);
+        props.encode(out);
     }
 }

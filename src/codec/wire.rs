@@ -6,7 +6,7 @@
 use std::fmt;
 use std::ops::Deref;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::DecodeError;
 
@@ -20,6 +20,12 @@ impl MqttStr {
     pub fn from_bytes(bytes: Bytes) -> Result<Self, DecodeError> {
         validate_utf8(&bytes)?;
         Ok(MqttStr(bytes))
+    }
+
+    /// Wraps bytes already validated (e.g. by `topic_name_str`).
+    pub(crate) fn from_validated(bytes: Bytes) -> Self {
+        debug_assert!(std::str::from_utf8(&bytes).is_ok());
+        MqttStr(bytes)
     }
 
     pub const fn from_static(s: &'static str) -> Self {
@@ -83,7 +89,22 @@ impl PartialEq<&str> for MqttStr {
     }
 }
 
-fn validate_utf8(bytes: &[u8]) -> Result<(), DecodeError> {
+/// Validates a PUBLISH topic name's bytes in one pass for the common all-ASCII case: no U+0000
+/// [MQTT-1.5.3-2], no wildcard [MQTT-3.3.2-2]; anything else goes through the full UTF-8 check.
+pub fn topic_name_str(bytes: &[u8]) -> Result<&str, DecodeError> {
+    // b in 1..=0x7f, and not '+' or '#'.
+    let plain = |b: &u8| b.wrapping_sub(1) < 0x7f && *b != b'+' && *b != b'#';
+    if !bytes.iter().all(plain) {
+        validate_utf8(bytes)?;
+        if memchr::memchr2(b'+', b'#', bytes).is_some() {
+            return Err(DecodeError::WildcardInTopicName);
+        }
+    }
+    // SAFETY: all bytes are ASCII, or validate_utf8 accepted them.
+    Ok(unsafe { std::str::from_utf8_unchecked(bytes) })
+}
+
+pub(crate) fn validate_utf8(bytes: &[u8]) -> Result<(), DecodeError> {
     // Rust's validator rejects overlong forms and surrogates, as [MQTT-1.5.3-1] requires.
     std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
     if memchr::memchr(0, bytes).is_some() {
@@ -148,69 +169,63 @@ pub fn put_bin(out: &mut BytesMut, b: &[u8]) {
     out.put_slice(b);
 }
 
-/// A cursor over one packet's body. Every read is bounds-checked against the remaining length;
-/// string and binary fields come out as slices of the shared body.
+/// A cursor over one packet's body, consuming it from the front. Every read is bounds-checked
+/// against the remaining length; string and binary fields are split off the shared read buffer
+/// (one reference-count increment each, no copy), and the last field takes the rest outright.
 pub struct Reader {
-    buf: Bytes,
-    pos: usize,
+    buf: BytesMut,
 }
 
 impl Reader {
-    pub fn new(buf: Bytes) -> Self {
-        Reader { buf, pos: 0 }
+    pub fn new(buf: BytesMut) -> Self {
+        Reader { buf }
     }
 
     pub fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+        self.buf.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.remaining() == 0
+        self.buf.is_empty()
+    }
+
+    fn take_array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let a: [u8; N] = self.buf.get(..N).ok_or(DecodeError::Truncated)?.try_into().expect("slice of length N");
+        self.buf.advance(N);
+        Ok(a)
     }
 
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
-        let b = *self.buf.get(self.pos).ok_or(DecodeError::Truncated)?;
-        self.pos += 1;
-        Ok(b)
+        Ok(self.take_array::<1>()?[0])
     }
 
     pub fn u16(&mut self) -> Result<u16, DecodeError> {
-        let s = self.take_slice(2)?;
-        Ok(u16::from_be_bytes([s[0], s[1]]))
+        Ok(u16::from_be_bytes(self.take_array()?))
     }
 
     pub fn u32(&mut self) -> Result<u32, DecodeError> {
-        let s = self.take_slice(4)?;
-        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        Ok(u32::from_be_bytes(self.take_array()?))
     }
 
     pub fn varint(&mut self) -> Result<u32, DecodeError> {
-        match parse_varint(&self.buf[self.pos..])? {
+        match parse_varint(&self.buf)? {
             Some((v, n)) => {
-                self.pos += n;
+                self.buf.advance(n);
                 Ok(v)
             }
             None => Err(DecodeError::Truncated),
         }
     }
 
-    fn take_slice(&mut self, n: usize) -> Result<&[u8], DecodeError> {
-        if self.remaining() < n {
-            return Err(DecodeError::Truncated);
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
     /// `n` bytes as a shared slice of the body.
     pub fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        if self.remaining() < n {
+        if self.buf.len() < n {
             return Err(DecodeError::Truncated);
         }
-        let b = self.buf.slice(self.pos..self.pos + n);
-        self.pos += n;
-        Ok(b)
+        if n == 0 {
+            return Ok(Bytes::new());
+        }
+        Ok(self.buf.split_to(n).freeze())
     }
 
     /// Binary data: a two-byte length then that many bytes.
@@ -225,14 +240,15 @@ impl Reader {
 
     /// Everything that is left, e.g. a PUBLISH payload.
     pub fn rest(&mut self) -> Bytes {
-        let b = self.buf.slice(self.pos..);
-        self.pos = self.buf.len();
-        b
+        std::mem::take(&mut self.buf).freeze()
     }
 
     /// A sub-reader over the next `n` bytes (a property block).
     pub fn sub(&mut self, n: usize) -> Result<Reader, DecodeError> {
-        Ok(Reader::new(self.take(n)?))
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(Reader::new(self.buf.split_to(n)))
     }
 
     pub fn finish(&self) -> Result<(), DecodeError> {

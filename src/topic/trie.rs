@@ -64,6 +64,14 @@ impl<K: PartialEq + Copy, V> SubTrie<K, V> {
         self.len == 0
     }
 
+    /// Nodes in the trie, root included: what churn must give back.
+    pub fn node_count(&self) -> usize {
+        fn count<K, V>(n: &Node<K, V>) -> usize {
+            1 + n.children.values().map(count).sum::<usize>() + n.plus.as_deref().map_or(0, count)
+        }
+        count(&self.root)
+    }
+
     /// Adds or replaces `key`'s subscription to `filter`; returns the value it replaced.
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Result<Option<V>, TopicError> {
         validate_filter(filter)?;
