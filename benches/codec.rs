@@ -1,9 +1,9 @@
 //! Decode and encode a batch of small PUBLISH packets (20-byte topic, 64-byte payload), ours and
 //! an independent codec (`mqttbytes`) in the same run, so the README can quote a ratio.
 
+use bytes::Buf;
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use bytes::Buf;
 use tern::codec::{decode, next_frame, Packet, ProtocolVersion, Publish, PublishRef, QoS};
 
 const BATCH: usize = 1000;

@@ -1,1 +1,84 @@
-fn main() {}
+//! The `tern` command: configuration from a file and flags, logging, signals.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tern::{Broker, Config};
+
+/// tern: a fast MQTT 3.1/3.1.1/5.0 broker.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without one, tern listens on 127.0.0.1:1883.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Port to listen on (overrides the file).
+    #[arg(short = 'p', long)]
+    port: Option<u16>,
+    /// Address to bind (overrides the file).
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
+    /// Worker threads, one event loop each; 0 = one per core (overrides the file).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Verbose logging (debug level).
+    #[arg(short = 'v', long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match &cli.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tern: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(p) = cli.port {
+        config.port = p;
+    }
+    if let Some(b) = cli.bind {
+        config.bind = b;
+    }
+    if let Some(w) = cli.workers {
+        config.workers = w;
+    }
+    if cli.verbose {
+        config.log_level = "debug".into();
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("tern: {e}");
+        return ExitCode::from(2);
+    }
+    env_logger::Builder::new().parse_filters(&config.log_level).parse_default_env().format_timestamp_millis().init();
+    let broker = match Broker::start(config) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stopper = broker.stopper();
+    let mut signals =
+        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: shutting down");
+            stopper.stop();
+        }
+    });
+    broker.join();
+    log::info!("bye");
+    ExitCode::SUCCESS
+}

@@ -103,7 +103,10 @@ fn connect_311_both_ways() {
     assert_eq!(c.protocol, ProtocolVersion::V311);
     assert_eq!((c.client_id.as_str(), c.keep_alive, c.clean_start), ("client-1", 30, false));
     let will = c.will.as_ref().unwrap();
-    assert_eq!((will.topic.as_str(), &will.payload[..], will.qos, will.retain), ("will/t", &b"gone"[..], QoS::AtLeastOnce, true));
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..], will.qos, will.retain),
+        ("will/t", &b"gone"[..], QoS::AtLeastOnce, true)
+    );
     assert_eq!(c.username.as_ref().unwrap(), "user");
     assert_eq!(&c.password.as_ref().unwrap()[..], b"secret");
 
@@ -162,7 +165,11 @@ fn subscribe_and_acks_311_both_ways() {
         (Packet::PubRel(Ack::new(pid)), v4::Packet::PubRel(v4::PubRel::new(17))),
         (Packet::PubComp(Ack::new(pid)), v4::Packet::PubComp(v4::PubComp::new(17))),
         (
-            Packet::SubAck(Box::new(SubAck { packet_id: pid, codes: vec![ReasonCode(1), ReasonCode(0x80)], properties: Properties::default() })),
+            Packet::SubAck(Box::new(SubAck {
+                packet_id: pid,
+                codes: vec![ReasonCode(1), ReasonCode(0x80)],
+                properties: Properties::default(),
+            })),
             v4::Packet::SubAck(v4::SubAck::new(
                 17,
                 vec![v4::SubscribeReasonCode::Success(TheirQoS::AtLeastOnce), v4::SubscribeReasonCode::Failure],
@@ -173,7 +180,11 @@ fn subscribe_and_acks_311_both_ways() {
             v4::Packet::UnsubAck(v4::UnsubAck::new(17)),
         ),
         (
-            Packet::ConnAck(Box::new(ConnAck { session_present: true, code: ReasonCode(0), properties: Properties::default() })),
+            Packet::ConnAck(Box::new(ConnAck {
+                session_present: true,
+                code: ReasonCode(0),
+                properties: Properties::default(),
+            })),
             v4::Packet::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::Success, true)),
         ),
         (Packet::PingReq, v4::Packet::PingReq),
@@ -204,7 +215,10 @@ fn subscribe_5_options_both_ways() {
     let Packet::Subscribe(s) = &p else { panic!() };
     let (filter, o) = &s.filters[0];
     assert_eq!(filter, "x/#");
-    assert_eq!((o.qos, o.no_local, o.retain_as_published, o.retain_handling), (QoS::AtLeastOnce, true, true, RetainHandling::Never));
+    assert_eq!(
+        (o.qos, o.no_local, o.retain_as_published, o.retain_handling),
+        (QoS::AtLeastOnce, true, true, RetainHandling::Never)
+    );
     assert_eq!(s.properties.subscription_identifiers, vec![77]);
     let mut back = encode(&p, ProtocolVersion::V5);
     assert_eq!(v5::read(&mut back, MAX).unwrap(), v5::Packet::Subscribe(theirs));

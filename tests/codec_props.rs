@@ -91,7 +91,15 @@ fn arb_properties() -> impl Strategy<Value = Properties> {
 }
 
 fn arb_publish() -> impl Strategy<Value = Publish> {
-    (arb_topic(), 0u8..3, any::<bool>(), any::<bool>(), 1u16.., prop::collection::vec(any::<u8>(), 0..200), arb_properties())
+    (
+        arb_topic(),
+        0u8..3,
+        any::<bool>(),
+        any::<bool>(),
+        1u16..,
+        prop::collection::vec(any::<u8>(), 0..200),
+        arb_properties(),
+    )
         .prop_map(|(topic, qos, dup, retain, id, payload, props)| {
             let qos = QoS::from_u8(qos).unwrap();
             Publish {

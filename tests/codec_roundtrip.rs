@@ -102,7 +102,11 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
             password: Some(Bytes::from_static(b"p\x00ss")),
             properties: props(connect_props),
         })),
-        Packet::ConnAck(Box::new(ConnAck { session_present: true, code: ReasonCode(0), properties: props(connack_props) })),
+        Packet::ConnAck(Box::new(ConnAck {
+            session_present: true,
+            code: ReasonCode(0),
+            properties: props(connack_props),
+        })),
         Packet::ConnAck(Box::new(ConnAck {
             session_present: false,
             code: if v5 { ReasonCode::BAD_AUTHENTICATION_METHOD } else { ConnectReturnCode::NOT_AUTHORIZED },

@@ -13,7 +13,9 @@ fn name_level() -> impl Strategy<Value = &'static str> {
 }
 
 fn filter() -> impl Strategy<Value = String> {
-    prop::collection::vec(level(), 1..5).prop_map(|ls| ls.join("/")).prop_filter("valid", |f| validate_filter(f).is_ok())
+    prop::collection::vec(level(), 1..5)
+        .prop_map(|ls| ls.join("/"))
+        .prop_filter("valid", |f| validate_filter(f).is_ok())
 }
 
 fn name() -> impl Strategy<Value = String> {

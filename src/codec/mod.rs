@@ -20,7 +20,7 @@ pub use connect::{ConnAck, Connect, Will};
 pub use control::{Auth, Disconnect};
 pub use error::DecodeError;
 pub use properties::{id as property_id, Properties, PropertyContext, MAX_REPEATED};
-pub use publish::{Ack, Publish, PublishRef};
+pub use publish::{Ack, Publish, PublishHeader, PublishRef};
 pub use reason::{allowed_v5, ConnectReturnCode, ReasonCode, ReasonContext};
 pub use subscribe::{RetainHandling, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe};
 pub use wire::MqttStr;

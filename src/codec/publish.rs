@@ -37,47 +37,80 @@ impl Publish {
         packet_type::PUBLISH << 4 | (self.dup as u8) << 3 | (self.qos as u8) << 1 | self.retain as u8
     }
 
-    fn head_body_len(&self, v: ProtocolVersion) -> usize {
-        let mut n = 2 + self.topic.len();
-        if self.qos != QoS::AtMostOnce {
-            n += 2;
+    fn header(&self) -> PublishHeader<'_> {
+        PublishHeader {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: self.packet_id,
+            properties: self.properties.as_deref(),
         }
-        if v.is_v5() {
-            n += match &self.properties {
-                Some(p) => p.wire_len(),
-                None => 1,
-            };
-        }
-        n
     }
 
     /// Total encoded size in bytes.
     pub fn size(&self, v: ProtocolVersion) -> usize {
-        let n = self.head_body_len(v) + self.payload.len();
-        header_len(n) + n
+        self.header().size(v, self.payload.len())
     }
 
     /// Writes everything but the payload; the remaining length counts the payload, so the caller
     /// sends `payload` right after (one shared `Bytes` for every subscriber, written with writev).
     pub fn encode_head(&self, v: ProtocolVersion, out: &mut BytesMut) {
-        let head = self.head_body_len(v);
-        put_header(out, self.first_byte(), head + self.payload.len());
-        put_str(out, &self.topic);
-        if self.qos != QoS::AtMostOnce {
-            // A QoS 1/2 PUBLISH without an id cannot be expressed; 1 is the broker's bug, not a panic.
-            out.put_u16(self.packet_id.map_or(1, |id| id.get()));
-        }
-        if v.is_v5() {
-            match &self.properties {
-                Some(p) => p.encode(out),
-                None => out.put_u8(0),
-            }
-        }
+        self.header().encode(v, self.payload.len(), out)
     }
 
     pub fn encode(&self, v: ProtocolVersion, out: &mut BytesMut) {
         self.encode_head(v, out);
         out.put_slice(&self.payload);
+    }
+}
+
+/// The fields of a PUBLISH before its payload, borrowed: what the broker fills in per subscriber
+/// (QoS, packet id, retain, subscription identifiers) around a topic and payload it does not copy.
+#[derive(Clone, Copy, Debug)]
+pub struct PublishHeader<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: Option<PacketId>,
+    pub properties: Option<&'a Properties>,
+}
+
+impl PublishHeader<'_> {
+    fn body_len(&self, v: ProtocolVersion) -> usize {
+        let mut n = 2 + self.topic.len();
+        if self.qos != QoS::AtMostOnce {
+            n += 2;
+        }
+        if v.is_v5() {
+            n += self.properties.map_or(1, |p| p.wire_len());
+        }
+        n
+    }
+
+    /// Total size of the packet with a payload of `payload_len` bytes.
+    pub fn size(&self, v: ProtocolVersion, payload_len: usize) -> usize {
+        let n = self.body_len(v) + payload_len;
+        header_len(n) + n
+    }
+
+    /// Writes the fixed header (whose remaining length counts the payload), topic, packet id and
+    /// properties; the caller appends the payload.
+    pub fn encode(&self, v: ProtocolVersion, payload_len: usize, out: &mut BytesMut) {
+        let first = packet_type::PUBLISH << 4 | (self.dup as u8) << 3 | (self.qos as u8) << 1 | self.retain as u8;
+        put_header(out, first, self.body_len(v) + payload_len);
+        put_str(out, self.topic);
+        if self.qos != QoS::AtMostOnce {
+            // A QoS 1/2 PUBLISH without an id cannot be expressed; 1 is the broker's bug, not a panic.
+            out.put_u16(self.packet_id.map_or(1, |id| id.get()));
+        }
+        if v.is_v5() {
+            match self.properties {
+                Some(p) => p.encode(out),
+                None => out.put_u8(0),
+            }
+        }
     }
 }
 
@@ -140,7 +173,15 @@ impl<'a> PublishRef<'a> {
             }
             None
         };
-        Ok(PublishRef { dup: flags & 0x08 != 0, qos, retain: flags & 0x01 != 0, topic, packet_id, properties, payload: rest })
+        Ok(PublishRef {
+            dup: flags & 0x08 != 0,
+            qos,
+            retain: flags & 0x01 != 0,
+            topic,
+            packet_id,
+            properties,
+            payload: rest,
+        })
     }
 
     /// An owned `Publish` whose topic and payload are slices of `body`, which must be the buffer

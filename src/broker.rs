@@ -1,0 +1,171 @@
+//! Starting and stopping the broker: binds one SO_REUSEPORT listener per worker, builds the rings
+//! between every pair of workers, spawns the pinned worker threads. The only state shared between
+//! threads lives in `Shared`, and none of it is touched per message.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use mio::{Poll, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::ring::{ring, Consumer, Producer};
+use crate::worker::{Mail, Worker, WAKER};
+
+/// Counters a worker publishes for `$SYS`, stored (not incremented) once per tick by their one
+/// writer, so the hot path touches no shared cache line.
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub publish_dropped: AtomicU64,
+    pub clients_connected: AtomicU64,
+    pub sessions: AtomicU64,
+    pub retained: AtomicU64,
+    pub subscriptions: AtomicU64,
+}
+
+pub struct Shared {
+    pub config: Config,
+    pub workers: usize,
+    pub shutdown: AtomicBool,
+    /// Open connections over all workers, for `max_connections`.
+    pub connections: AtomicUsize,
+    pub wakers: Vec<Arc<Waker>>,
+    pub stats: Vec<WorkerStats>,
+    /// Decides each client id's home worker; the same keys on every worker.
+    pub hasher: ahash::RandomState,
+    pub started: Instant,
+    pub clients_maximum: AtomicU64,
+}
+
+impl Shared {
+    pub fn home_of(&self, client_id: &str) -> usize {
+        (self.hasher.hash_one(client_id) % self.workers as u64) as usize
+    }
+}
+
+/// Capacity of each worker-to-worker ring.
+pub const RING_CAPACITY: usize = 16 * 1024;
+
+pub struct Broker {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+impl Broker {
+    pub fn start(config: Config) -> io::Result<Broker> {
+        config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let n = config.worker_count();
+        // The first bind settles the port (port 0 picks one); the others share it.
+        let first = listener(config.addr())?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(listener(addr)?);
+        }
+        let mut polls = Vec::with_capacity(n);
+        let mut wakers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let poll = Poll::new()?;
+            wakers.push(Arc::new(Waker::new(poll.registry(), WAKER)?));
+            polls.push(poll);
+        }
+        // rings[from][to]
+        let mut producers: Vec<Vec<Option<Producer<Mail>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut consumers: Vec<Vec<Option<Consumer<Mail>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for from in 0..n {
+            for to in 0..n {
+                if from != to {
+                    let (p, c) = ring(RING_CAPACITY);
+                    producers[from][to] = Some(p);
+                    consumers[to][from] = Some(c);
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            workers: n,
+            shutdown: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            wakers,
+            stats: (0..n).map(|_| WorkerStats::default()).collect(),
+            hasher: ahash::RandomState::new(),
+            started: Instant::now(),
+            clients_maximum: AtomicU64::new(0),
+            config,
+        });
+        let cores = if shared.config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { vec![] };
+        let mut threads = Vec::with_capacity(n);
+        for (id, ((poll, listener), (outbox, inbox))) in
+            polls.into_iter().zip(listeners).zip(producers.into_iter().zip(consumers)).enumerate()
+        {
+            let shared = shared.clone();
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let listener = mio::net::TcpListener::from_std(listener);
+            let t = std::thread::Builder::new().name(format!("tern-worker-{id}")).spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let mut w = Worker::new(id, shared, poll, listener, outbox, inbox);
+                if let Err(e) = w.run() {
+                    log::error!("worker {id} stopped: {e}");
+                }
+            })?;
+            threads.push(t);
+        }
+        log::info!("tern {} listening on {addr} with {n} worker(s)", env!("CARGO_PKG_VERSION"));
+        Ok(Broker { addr, shared, threads })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A handle that can stop the broker from another thread (a signal handler's thread).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.clone())
+    }
+
+    /// Stops accepting, publishes the wills of connected clients, flushes, and joins the workers.
+    pub fn shutdown(self) {
+        self.stopper().stop();
+        self.join();
+    }
+
+    /// Waits for the workers to exit (after a `Stopper::stop`).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.shutdown.store(true, Ordering::SeqCst);
+        for w in &self.0.wakers {
+            let _ = w.wake();
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Broker configuration: a TOML file, then command-line flags over it. Every field has a default
+//! that works with no file at all; an unknown key or a bad value is an error naming the key.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub bind: IpAddr,
+    /// TCP port; 0 picks a free one (tests).
+    pub port: u16,
+    /// Event-loop threads; 0 means one per core.
+    pub workers: usize,
+    /// Pin each worker to a core.
+    pub pin_workers: bool,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub log_level: String,
+    /// Connections held at once, over all workers; more are refused.
+    pub max_connections: usize,
+    /// Largest packet accepted from a client, in bytes.
+    pub max_packet_size: u32,
+    /// QoS 1/2 messages sent to a client and not yet acknowledged.
+    pub max_inflight_messages: u16,
+    /// QoS 1/2 messages queued per session beyond the inflight window (also while offline).
+    pub max_queued_messages: usize,
+    /// Bytes of encoded output a connection may have waiting for its socket; past it QoS 0 is
+    /// dropped and QoS 1/2 wait in the session queue.
+    pub max_output_bytes: usize,
+    /// Seconds a new connection may take to send CONNECT.
+    pub connect_timeout: u64,
+    /// Seconds between `$SYS` updates; 0 turns them off.
+    pub sys_interval: u64,
+    /// Accept 3.1/3.1.1 CONNECT with an empty client id and clean session (a generated id).
+    pub allow_zero_length_clientid: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 1883,
+            workers: 0,
+            pin_workers: true,
+            log_level: "info".into(),
+            max_connections: 100_000,
+            max_packet_size: 1 << 20,
+            max_inflight_messages: 20,
+            max_queued_messages: 1000,
+            max_output_bytes: 1 << 20,
+            connect_timeout: 10,
+            sys_interval: 10,
+            allow_zero_length_clientid: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("config file {path}: {err}")]
+    Parse { path: String, err: String },
+    #[error("invalid value for `{key}`: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { err, .. } => ConfigError::Parse { path: path.display().to_string(), err },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: String::new(), err: e.message().to_string() })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: &str| Err(ConfigError::Invalid { key, why: why.to_string() });
+        if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace" | "off") {
+            return bad("log_level", "expected one of error, warn, info, debug, trace, off");
+        }
+        if self.max_packet_size < 64 || self.max_packet_size as usize > crate::codec::MAX_PACKET_SIZE {
+            return bad("max_packet_size", "must be between 64 and 268435460");
+        }
+        if self.max_inflight_messages == 0 {
+            return bad("max_inflight_messages", "must be at least 1");
+        }
+        if self.max_output_bytes < 4096 {
+            return bad("max_output_bytes", "must be at least 4096");
+        }
+        if self.connect_timeout == 0 {
+            return bad("connect_timeout", "must be at least 1 second");
+        }
+        if self.workers > 256 {
+            return bad("workers", "at most 256");
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+        assert_eq!(Config::default().addr().to_string(), "127.0.0.1:1883");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("prot = 1").unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+        let e = Config::from_toml("port = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("port") || e.contains("invalid type"), "{e}");
+        let e = Config::from_toml("max_inflight_messages = 0").unwrap_err().to_string();
+        assert!(e.contains("max_inflight_messages"), "{e}");
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::from_toml("port = 1884\nworkers = 2\nbind = \"0.0.0.0\"\nlog_level = \"debug\"").unwrap();
+        assert_eq!((c.port, c.workers, c.log_level.as_str()), (1884, 2, "debug"));
+    }
+}

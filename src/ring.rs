@@ -1,0 +1,174 @@
+//! The single-producer single-consumer ring that carries messages between two workers, and the
+//! mailbox (rings from every peer plus a waker) through which a worker receives them.
+//!
+//! Lock-free and bounded: `push` never blocks and fails when full; the producer keeps what did not
+//! fit. It must not know what it carries.
+
+use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+
+struct Inner<T> {
+    slots: Box<[UnsafeCell<MaybeUninit<T>>]>,
+    mask: usize,
+    /// Next slot to read; written only by the consumer.
+    head: CachePadded<AtomicUsize>,
+    /// Next slot to write; written only by the producer.
+    tail: CachePadded<AtomicUsize>,
+}
+
+// SAFETY: a slot is written only by the one producer while it is outside [head, tail), and read
+// only by the one consumer while it is inside; the Release/Acquire pairs on head and tail order
+// those accesses. T moves between threads, hence T: Send.
+unsafe impl<T: Send> Sync for Inner<T> {}
+unsafe impl<T: Send> Send for Inner<T> {}
+
+impl<T> Drop for Inner<T> {
+    fn drop(&mut self) {
+        let (mut h, t) = (*self.head.get_mut(), *self.tail.get_mut());
+        while h != t {
+            // SAFETY: slots in [head, tail) hold initialised values nobody else can reach now.
+            unsafe { (*self.slots[h & self.mask].get()).assume_init_drop() };
+            h = h.wrapping_add(1);
+        }
+    }
+}
+
+pub struct Producer<T> {
+    inner: Arc<Inner<T>>,
+}
+
+pub struct Consumer<T> {
+    inner: Arc<Inner<T>>,
+}
+
+/// A ring holding up to `capacity` (rounded up to a power of two) items.
+pub fn ring<T: Send>(capacity: usize) -> (Producer<T>, Consumer<T>) {
+    let cap = capacity.max(2).next_power_of_two();
+    let slots = (0..cap).map(|_| UnsafeCell::new(MaybeUninit::uninit())).collect();
+    let inner = Arc::new(Inner {
+        slots,
+        mask: cap - 1,
+        head: CachePadded::new(AtomicUsize::new(0)),
+        tail: CachePadded::new(AtomicUsize::new(0)),
+    });
+    (Producer { inner: inner.clone() }, Consumer { inner })
+}
+
+/// What a successful push saw: whether the consumer may be asleep on an empty ring and needs a wake.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    WasEmpty,
+    WasNotEmpty,
+}
+
+impl<T> Producer<T> {
+    /// Adds `value`, or hands it back when the ring is full.
+    pub fn push(&mut self, value: T) -> Result<Pushed, T> {
+        let r = &*self.inner;
+        let tail = r.tail.load(Ordering::Relaxed);
+        let head = r.head.load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > r.mask {
+            return Err(value);
+        }
+        // SAFETY: the slot at tail is outside [head, tail), so the consumer does not read it.
+        unsafe { (*r.slots[tail & r.mask].get()).write(value) };
+        r.tail.store(tail.wrapping_add(1), Ordering::SeqCst);
+        // SeqCst store then load, mirrored in the consumer's `pop`: one of the two sides sees the
+        // other's update, so a consumer that drained the ring never sleeps through this push.
+        let head_now = r.head.load(Ordering::SeqCst);
+        Ok(if head_now == tail { Pushed::WasEmpty } else { Pushed::WasNotEmpty })
+    }
+
+    pub fn is_full(&self) -> bool {
+        let r = &*self.inner;
+        r.tail.load(Ordering::Relaxed).wrapping_sub(r.head.load(Ordering::Acquire)) > r.mask
+    }
+}
+
+impl<T> Consumer<T> {
+    pub fn pop(&mut self) -> Option<T> {
+        let r = &*self.inner;
+        let head = r.head.load(Ordering::Relaxed);
+        if head == r.tail.load(Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: head < tail, so the producer finished writing this slot (Acquire on tail).
+        let v = unsafe { (*r.slots[head & r.mask].get()).assume_init_read() };
+        r.head.store(head.wrapping_add(1), Ordering::SeqCst);
+        Some(v)
+    }
+
+    pub fn len(&self) -> usize {
+        let r = &*self.inner;
+        r.tail.load(Ordering::Acquire).wrapping_sub(r.head.load(Ordering::Acquire))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_with_wrap_around_and_full_detection() {
+        let (mut p, mut c) = ring::<u32>(4);
+        for round in 0..10u32 {
+            assert_eq!(p.push(round * 10), Ok(Pushed::WasEmpty));
+            for i in 1..4 {
+                assert_eq!(p.push(round * 10 + i), Ok(Pushed::WasNotEmpty));
+            }
+            assert_eq!(p.push(99), Err(99), "full at capacity");
+            for i in 0..4 {
+                assert_eq!(c.pop(), Some(round * 10 + i));
+            }
+            assert_eq!(c.pop(), None);
+        }
+    }
+
+    #[test]
+    fn concurrent_producer_and_consumer_lose_and_duplicate_nothing() {
+        const N: u64 = 2_000_000;
+        let (mut p, mut c) = ring::<u64>(1024);
+        let producer = std::thread::spawn(move || {
+            let mut i = 0;
+            while i < N {
+                match p.push(i) {
+                    Ok(_) => i += 1,
+                    Err(_) => std::hint::spin_loop(),
+                }
+            }
+        });
+        let mut expect = 0;
+        let mut sum = 0u64;
+        while expect < N {
+            if let Some(v) = c.pop() {
+                assert_eq!(v, expect, "in order, no loss, no duplicate");
+                sum += v;
+                expect += 1;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        producer.join().unwrap();
+        assert_eq!(c.pop(), None);
+        assert_eq!(sum, N * (N - 1) / 2);
+    }
+
+    #[test]
+    fn values_left_in_a_dropped_ring_are_dropped() {
+        let token = Arc::new(());
+        let (mut p, c) = ring::<Arc<()>>(8);
+        for _ in 0..5 {
+            p.push(token.clone()).unwrap();
+        }
+        drop((p, c));
+        assert_eq!(Arc::strong_count(&token), 1);
+    }
+}

@@ -1,0 +1,751 @@
+//! One worker: a single-threaded `mio` event loop that owns its connections, the sessions whose
+//! client ids live here, its subscription trie and its replica of the retained store.
+//!
+//! The path of a PUBLISH is one straight line: readable -> `read_conn` into the worker's read buffer
+//! -> `process` parses frames in place -> `protocol::on_publish` routes to local sessions (encoded
+//! into their output buffers) and to peer workers (through the rings) -> `flush_dirty` writes every
+//! connection with pending output once, after all events of the iteration. Other workers are
+//! reached only through `Mail`; nothing here takes a lock.
+
+mod protocol;
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::HashMap;
+use bytes::{Buf, BytesMut};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::broker::Shared;
+use crate::codec::{
+    decode, next_frame, packet_type, parse_fixed_header, Connect, DecodeError, Disconnect, MqttStr, Packet,
+    ProtocolVersion, PublishRef, ReasonCode, SubscriptionOptions,
+};
+use crate::ring::{Consumer, Producer, Pushed};
+use crate::session::{Message, Session};
+use crate::topic::SubTrie;
+
+pub const LISTENER: Token = Token(usize::MAX - 1);
+pub const WAKER: Token = Token(usize::MAX - 2);
+
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Reads per connection per event before others get a turn.
+const READS_PER_TURN: usize = 16;
+/// Timers (keepalive, connect timeout, stats) run this often.
+const TICK: Duration = Duration::from_millis(250);
+/// Messages a worker holds for a peer whose ring is full, before it drops (and counts) them.
+const OVERFLOW_LIMIT: usize = 256 * 1024;
+
+/// What one worker sends another.
+pub enum Mail {
+    /// A message to deliver to this worker's matching sessions and to apply to its retained replica.
+    Publish(Arc<Message>),
+    /// A connection whose client id lives on the receiving worker, with its parsed CONNECT and the
+    /// bytes read after it.
+    Handover(Box<Handover>),
+}
+
+pub struct Handover {
+    stream: TcpStream,
+    peer: SocketAddr,
+    rest: BytesMut,
+    connect: Box<Connect>,
+    assigned_id: bool,
+    created: Instant,
+}
+
+/// A network connection: plain data owned by the worker's slab.
+pub struct Conn {
+    /// Unique per worker, so a slab key reused after a close is never mistaken for the old one.
+    uid: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Bytes of an incomplete packet kept between reads (empty for an idle connection).
+    rbuf: BytesMut,
+    /// Encoded packets waiting for the socket; bounded by `max_output_bytes` for QoS 0.
+    wbuf: BytesMut,
+    version: Option<ProtocolVersion>,
+    session: Option<usize>,
+    keep_alive: u16,
+    last_rx: Instant,
+    created: Instant,
+    dirty: bool,
+    /// Registered for WRITABLE because a write would have blocked.
+    writable: bool,
+    /// Refused at accept time (over `max_connections`): answer CONNECT with a refusal.
+    over_limit: bool,
+    /// The client's 5.0 maximum packet size: larger packets are not sent to it.
+    max_packet_out: usize,
+    /// Close once the output buffer is written.
+    close_after_flush: bool,
+}
+
+/// Why a connection ends: decides whether its will is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// The client sent DISCONNECT: no will [MQTT-3.14.4-3].
+    Normal,
+    /// Network error, keepalive timeout or protocol violation: the will is published.
+    Abnormal,
+    /// Another connection took the client id over.
+    TakenOver,
+    /// Closed before a session existed (refused CONNECT, connect timeout).
+    NoSession,
+}
+
+/// Plain per-worker counters, copied into `Shared::stats` once per tick.
+#[derive(Default)]
+struct Counters {
+    messages_received: u64,
+    messages_sent: u64,
+    bytes_received: u64,
+    bytes_sent: u64,
+    publish_dropped: u64,
+}
+
+pub struct Worker {
+    id: usize,
+    shared: Arc<Shared>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: Slab<Conn>,
+    next_uid: u64,
+    sessions: Slab<Session>,
+    by_client: HashMap<MqttStr, usize>,
+    subs: SubTrie<u32, SubscriptionOptions>,
+    retained: HashMap<MqttStr, Arc<Message>>,
+    outbox: Vec<Option<Producer<Mail>>>,
+    inbox: Vec<Option<Consumer<Mail>>>,
+    overflow: Vec<VecDeque<Mail>>,
+    wake: Vec<bool>,
+    dirty: Vec<usize>,
+    more_to_read: Vec<(usize, u64)>,
+    read_buf: BytesMut,
+    counters: Counters,
+    /// Scratch for one publish's matching subscriptions.
+    matches: Vec<(u32, SubscriptionOptions)>,
+    /// Scratch for a QoS 0 packet encoded once and copied to every subscriber of one version.
+    encoded: BytesMut,
+    next_tick: Instant,
+    next_sys: Instant,
+    generated_ids: u64,
+    sys_load: crate::sys::Load,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        poll: Poll,
+        listener: TcpListener,
+        outbox: Vec<Option<Producer<Mail>>>,
+        inbox: Vec<Option<Consumer<Mail>>>,
+    ) -> Worker {
+        let n = shared.workers;
+        let now = Instant::now();
+        Worker {
+            id,
+            poll,
+            listener: Some(listener),
+            conns: Slab::new(),
+            next_uid: 0,
+            sessions: Slab::new(),
+            by_client: HashMap::default(),
+            subs: SubTrie::new(),
+            retained: HashMap::default(),
+            outbox,
+            inbox,
+            overflow: (0..n).map(|_| VecDeque::new()).collect(),
+            wake: vec![false; n],
+            dirty: Vec::new(),
+            more_to_read: Vec::new(),
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            counters: Counters::default(),
+            matches: Vec::new(),
+            encoded: BytesMut::new(),
+            next_tick: now + TICK,
+            next_sys: now + Duration::from_secs(1),
+            generated_ids: 0,
+            sys_load: crate::sys::Load::default(),
+            shared,
+        }
+    }
+
+    pub fn run(&mut self) -> io::Result<()> {
+        if let Some(l) = self.listener.as_mut() {
+            self.poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        }
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            let timeout = if self.more_to_read.is_empty() && self.overflow.iter().all(|o| o.is_empty()) {
+                self.next_tick.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(k) => {
+                        let uid = match self.conns.get(k) {
+                            Some(c) => c.uid,
+                            None => continue,
+                        };
+                        if ev.is_writable() {
+                            self.flush(k);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.read_conn(k, uid);
+                        }
+                    }
+                }
+            }
+            for (k, uid) in std::mem::take(&mut self.more_to_read) {
+                self.read_conn(k, uid);
+            }
+            self.drain_mail();
+            if self.shared.shutdown.load(Ordering::Relaxed) {
+                self.shutdown();
+                return Ok(());
+            }
+            self.flush_dirty();
+            self.send_overflow();
+            self.wake_peers();
+            let now = Instant::now();
+            if now >= self.next_tick {
+                self.tick(now);
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else { return };
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                    let over_limit = total > self.shared.config.max_connections;
+                    let entry = self.conns.vacant_entry();
+                    let k = entry.key();
+                    if let Err(e) = self.poll.registry().register(&mut stream, Token(k), Interest::READABLE) {
+                        log::warn!("cannot register connection from {peer}: {e}");
+                        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let now = Instant::now();
+                    self.next_uid += 1;
+                    entry.insert(Conn {
+                        uid: self.next_uid,
+                        stream,
+                        peer,
+                        rbuf: BytesMut::new(),
+                        wbuf: BytesMut::new(),
+                        version: None,
+                        session: None,
+                        keep_alive: 0,
+                        last_rx: now,
+                        created: now,
+                        dirty: false,
+                        writable: false,
+                        over_limit,
+                        max_packet_out: usize::MAX,
+                        close_after_flush: false,
+                    });
+                    log::debug!("worker {}: connection {k} from {peer}", self.id);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the backlog and try on the next event.
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn alive(&self, k: usize, uid: u64) -> bool {
+        self.conns.get(k).is_some_and(|c| c.uid == uid)
+    }
+
+    /// Reads what the socket has into the worker's read buffer and handles every complete packet.
+    fn read_conn(&mut self, k: usize, uid: u64) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        buf.clear();
+        {
+            let c = &mut self.conns[k];
+            if !c.rbuf.is_empty() {
+                if c.rbuf.capacity() > READ_CHUNK {
+                    // A large packet in progress: keep reading into its own buffer.
+                    std::mem::swap(&mut buf, &mut c.rbuf);
+                } else {
+                    buf.extend_from_slice(&c.rbuf);
+                    c.rbuf = BytesMut::new();
+                }
+            }
+        }
+        let mut close = None;
+        for turn in 0.. {
+            if turn == READS_PER_TURN {
+                self.more_to_read.push((k, uid));
+                break;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_CHUNK);
+            }
+            let c = &mut self.conns[k];
+            match read_into(&mut c.stream, &mut buf) {
+                Ok(0) => {
+                    close = Some(CloseKind::Abnormal);
+                    break;
+                }
+                Ok(n) => {
+                    self.counters.bytes_received += n as u64;
+                    c.last_rx = Instant::now();
+                    if !self.process(k, uid, &mut buf) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("worker {}: read error on {k}: {e}", self.id);
+                    close = Some(CloseKind::Abnormal);
+                    break;
+                }
+            }
+        }
+        if self.alive(k, uid) {
+            if let Some(kind) = close {
+                self.close(k, kind);
+            } else if !buf.is_empty() {
+                // Keep the partial packet with its connection; a big one keeps the whole buffer.
+                let c = &mut self.conns[k];
+                if buf.len() > 4096 {
+                    c.rbuf = std::mem::take(&mut buf);
+                } else {
+                    c.rbuf = BytesMut::from(&buf[..]);
+                }
+            }
+        }
+        buf.clear();
+        if buf.capacity() < READ_CHUNK {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        self.read_buf = buf;
+    }
+
+    /// Handles every complete packet in `buf`. Returns false when the connection is gone.
+    fn process(&mut self, k: usize, uid: u64, buf: &mut BytesMut) -> bool {
+        let max = self.shared.config.max_packet_size as usize;
+        loop {
+            let version = self.conns[k].version;
+            let frame = match next_frame(buf, version, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    // Make room for the whole packet once its size is known (bounded by `max`).
+                    if let Ok(Some((_, hl, rem))) = parse_fixed_header(buf) {
+                        if hl + rem > buf.capacity() {
+                            buf.reserve(hl + rem - buf.len());
+                        }
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    self.protocol_error(k, &e);
+                    return false;
+                }
+            };
+            let (first, hl, size) = frame;
+            if first >> 4 == packet_type::PUBLISH && version.is_some() {
+                let v = version.unwrap_or(ProtocolVersion::V311);
+                match PublishRef::parse(&buf[hl..size], first & 0x0f, v) {
+                    Ok(p) => self.on_publish(k, p),
+                    Err(e) => {
+                        self.protocol_error(k, &e);
+                        return false;
+                    }
+                }
+                buf.advance(size);
+            } else {
+                let packet = match decode(buf, version, max) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return true,
+                    Err(e) => {
+                        self.protocol_error(k, &e);
+                        return false;
+                    }
+                };
+                if let Packet::Connect(connect) = packet {
+                    if let Some(handover) = self.on_connect(k, connect) {
+                        self.hand_over(k, handover, buf.split());
+                        return false;
+                    }
+                } else {
+                    self.on_packet(k, packet);
+                }
+            }
+            if !self.alive(k, uid) {
+                return false;
+            }
+        }
+    }
+
+    /// Logs a violation, tells a 5.0 client why, and closes the connection (publishing its will).
+    fn protocol_error(&mut self, k: usize, e: &DecodeError) {
+        let c = &mut self.conns[k];
+        log::info!("closing connection from {}: {e}", c.peer);
+        if let Some(ProtocolVersion::V5) = c.version {
+            Packet::Disconnect(Box::new(Disconnect::new(e.reason_code()))).encode(ProtocolVersion::V5, &mut c.wbuf);
+        } else if c.version.is_none() && e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+            // [MQTT-3.1.2-2]: answer an unsupported level with CONNACK 0x01 (0x84 in 5.0) and close.
+            let code = match e {
+                DecodeError::UnsupportedProtocolLevel(5..) => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                _ => crate::codec::ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION,
+            };
+            let v = if code.0 > 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+            Packet::ConnAck(Box::new(crate::codec::ConnAck { code, ..Default::default() })).encode(v, &mut c.wbuf);
+        }
+        self.close(k, CloseKind::Abnormal);
+    }
+
+    fn mark_dirty(dirty: &mut Vec<usize>, c: &mut Conn, k: usize) {
+        if !c.dirty {
+            c.dirty = true;
+            dirty.push(k);
+        }
+    }
+
+    /// Queues an encoded control packet on a connection.
+    fn send(&mut self, k: usize, packet: &Packet) {
+        let c = &mut self.conns[k];
+        packet.encode(c.version.unwrap_or(ProtocolVersion::V311), &mut c.wbuf);
+        Self::mark_dirty(&mut self.dirty, c, k);
+    }
+
+    fn flush_dirty(&mut self) {
+        for k in std::mem::take(&mut self.dirty) {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.dirty = false;
+                self.flush(k);
+            }
+        }
+    }
+
+    /// Writes a connection's output buffer until done or the socket would block; then lets its
+    /// session send what waited for room.
+    fn flush(&mut self, k: usize) {
+        let c = &mut self.conns[k];
+        let mut failed = false;
+        while !c.wbuf.is_empty() {
+            match c.stream.write(&c.wbuf) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.counters.bytes_sent += n as u64;
+                    c.wbuf.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.close(k, CloseKind::Abnormal);
+            return;
+        }
+        let pending = !c.wbuf.is_empty();
+        if pending != c.writable {
+            let interest = if pending { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if self.poll.registry().reregister(&mut c.stream, Token(k), interest).is_ok() {
+                c.writable = pending;
+            }
+        }
+        if pending {
+            return;
+        }
+        if c.close_after_flush {
+            self.close(k, CloseKind::Normal);
+            return;
+        }
+        if c.wbuf.capacity() > READ_CHUNK {
+            c.wbuf = BytesMut::new(); // an idle connection should not pin a burst's buffer
+        }
+        if let Some(sk) = c.session {
+            self.pump(sk);
+        }
+    }
+
+    /// Removes a connection. Publishes the will where `kind` calls for it and ends a session that
+    /// does not outlive its connection.
+    fn close(&mut self, k: usize, kind: CloseKind) {
+        let Some(mut c) = self.conns.try_remove(k) else { return };
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        // Best effort: whatever we meant to say last (CONNACK refusal, DISCONNECT reason).
+        if !c.wbuf.is_empty() {
+            let _ = c.stream.write(&c.wbuf);
+        }
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        log::debug!("worker {}: connection {k} from {} closed ({kind:?})", self.id, c.peer);
+        let Some(sk) = c.session else { return };
+        let Some(s) = self.sessions.get_mut(sk) else { return };
+        if s.conn != Some(k) {
+            return;
+        }
+        s.conn = None;
+        s.disconnected_at = Some(Instant::now());
+        let will = s.will.take();
+        if kind != CloseKind::Normal {
+            if let Some(w) = will {
+                let msg = Arc::new(Message::from_will(&w, Some((self.id as u16, sk as u32))));
+                self.route(msg);
+            }
+        }
+        if self.sessions[sk].clean {
+            self.end_session(sk);
+        }
+    }
+
+    fn end_session(&mut self, sk: usize) {
+        let s = self.sessions.remove(sk);
+        for filter in s.subscriptions.keys() {
+            self.subs.remove(filter, &(sk as u32));
+        }
+        self.by_client.remove(&s.client_id);
+    }
+
+    /// Moves a connection to the worker that is home to its client id.
+    fn hand_over(&mut self, k: usize, (connect, assigned_id): (Box<Connect>, bool), rest: BytesMut) {
+        let home = self.shared.home_of(&connect.client_id);
+        let mut c = self.conns.remove(k);
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let h = Handover { stream: c.stream, peer: c.peer, rest, connect, assigned_id, created: c.created };
+        self.mail(home, Mail::Handover(Box::new(h)));
+    }
+
+    fn take_handover(&mut self, h: Handover) {
+        let Handover { mut stream, peer, rest, connect, assigned_id, created } = h;
+        let entry = self.conns.vacant_entry();
+        let k = entry.key();
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(k), Interest::READABLE) {
+            log::warn!("cannot register handed-over connection from {peer}: {e}");
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.next_uid += 1;
+        let uid = self.next_uid;
+        entry.insert(Conn {
+            uid,
+            stream,
+            peer,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            version: None,
+            session: None,
+            keep_alive: 0,
+            last_rx: Instant::now(),
+            created,
+            dirty: false,
+            writable: false,
+            over_limit: false,
+            max_packet_out: usize::MAX,
+            close_after_flush: false,
+        });
+        self.attach(k, connect, assigned_id);
+        if self.alive(k, uid) && !rest.is_empty() {
+            let mut rest = rest;
+            if self.process(k, uid, &mut rest) && self.alive(k, uid) && !rest.is_empty() {
+                self.conns[k].rbuf = rest;
+            }
+        }
+        // Bytes may have arrived between the deregistration and now; edge-triggered readiness
+        // would not report them again, so read once.
+        if self.alive(k, uid) {
+            self.read_conn(k, uid);
+        }
+    }
+
+    fn mail(&mut self, to: usize, mail: Mail) {
+        if !self.overflow[to].is_empty() {
+            self.overflow_push(to, mail);
+            return;
+        }
+        let Some(p) = self.outbox[to].as_mut() else { return };
+        match p.push(mail) {
+            Ok(Pushed::WasEmpty) => self.wake[to] = true,
+            Ok(Pushed::WasNotEmpty) => {}
+            Err(mail) => self.overflow_push(to, mail),
+        }
+    }
+
+    fn overflow_push(&mut self, to: usize, mail: Mail) {
+        if self.overflow[to].len() >= OVERFLOW_LIMIT {
+            if let Mail::Handover(h) = mail {
+                log::warn!("worker {}: peer {to} saturated, refusing connection from {}", self.id, h.peer);
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.counters.publish_dropped += 1;
+            return;
+        }
+        self.overflow[to].push_back(mail);
+    }
+
+    fn send_overflow(&mut self) {
+        for to in 0..self.overflow.len() {
+            while let Some(mail) = self.overflow[to].pop_front() {
+                let Some(p) = self.outbox[to].as_mut() else { break };
+                match p.push(mail) {
+                    Ok(Pushed::WasEmpty) => self.wake[to] = true,
+                    Ok(Pushed::WasNotEmpty) => {}
+                    Err(mail) => {
+                        self.overflow[to].push_front(mail);
+                        self.wake[to] = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn wake_peers(&mut self) {
+        for to in 0..self.wake.len() {
+            if std::mem::take(&mut self.wake[to]) {
+                let _ = self.shared.wakers[to].wake();
+            }
+        }
+    }
+
+    fn drain_mail(&mut self) {
+        for from in 0..self.inbox.len() {
+            // Bounded per iteration by what is in the ring now, so I/O is not starved.
+            let n = self.inbox[from].as_ref().map_or(0, |c| c.len());
+            for _ in 0..n {
+                let Some(mail) = self.inbox[from].as_mut().and_then(|c| c.pop()) else { break };
+                match mail {
+                    Mail::Publish(msg) => {
+                        if msg.retain {
+                            self.store_retained(&msg);
+                        }
+                        self.deliver_local(&msg);
+                    }
+                    Mail::Handover(h) => self.take_handover(*h),
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.next_tick = now + TICK;
+        let connect_timeout = self.shared.config.connect_timeout();
+        let mut expired = Vec::new();
+        for (k, c) in self.conns.iter() {
+            if c.version.is_none() {
+                if now.duration_since(c.created) > connect_timeout {
+                    expired.push((k, CloseKind::NoSession, "no CONNECT in time"));
+                }
+            } else if c.keep_alive > 0 {
+                // [MQTT-3.1.2-24]: one and a half times the keep alive.
+                let limit = Duration::from_millis(c.keep_alive as u64 * 1500);
+                if now.duration_since(c.last_rx) > limit {
+                    expired.push((k, CloseKind::Abnormal, "keep alive timeout"));
+                }
+            }
+        }
+        for (k, kind, why) in expired {
+            log::info!("closing connection from {}: {why}", self.conns[k].peer);
+            if self.conns[k].version == Some(ProtocolVersion::V5) {
+                self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::KEEP_ALIVE_TIMEOUT))));
+            }
+            self.close(k, kind);
+        }
+        self.publish_stats();
+        if self.id == 0 && self.shared.config.sys_interval > 0 && now >= self.next_sys {
+            self.next_sys = now + Duration::from_secs(self.shared.config.sys_interval);
+            self.publish_sys();
+        }
+    }
+
+    fn publish_stats(&mut self) {
+        let s = &self.shared.stats[self.id];
+        let c = &self.counters;
+        s.messages_received.store(c.messages_received, Ordering::Relaxed);
+        s.messages_sent.store(c.messages_sent, Ordering::Relaxed);
+        s.bytes_received.store(c.bytes_received, Ordering::Relaxed);
+        s.bytes_sent.store(c.bytes_sent, Ordering::Relaxed);
+        s.publish_dropped.store(c.publish_dropped, Ordering::Relaxed);
+        let connected = self.sessions.iter().filter(|(_, s)| s.conn.is_some()).count();
+        s.clients_connected.store(connected as u64, Ordering::Relaxed);
+        s.sessions.store(self.sessions.len() as u64, Ordering::Relaxed);
+        s.retained.store(self.retained.len() as u64, Ordering::Relaxed);
+        s.subscriptions.store(self.subs.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Stops accepting, publishes the wills of connected clients (they did not DISCONNECT), tells
+    /// 5.0 clients the server is shutting down, and writes what is pending.
+    fn shutdown(&mut self) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        // Wills first, while every subscriber is still connected to receive them.
+        for &k in &keys {
+            let Some(sk) = self.conns[k].session else { continue };
+            if let Some(w) = self.sessions[sk].will.take() {
+                self.route(Arc::new(Message::from_will(&w, Some((self.id as u16, sk as u32)))));
+            }
+        }
+        self.drain_mail();
+        for &k in &keys {
+            if self.conns[k].version == Some(ProtocolVersion::V5) {
+                self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::SERVER_SHUTTING_DOWN))));
+            }
+        }
+        self.flush_dirty();
+        for &k in &keys {
+            if let Some(c) = self.conns.get_mut(k) {
+                // Give slow readers a moment to take what is already queued for them.
+                let _ = c.stream.flush();
+            }
+            self.close(k, CloseKind::Normal);
+        }
+        self.flush_dirty();
+        self.send_overflow();
+        self.wake_peers();
+        self.publish_stats();
+        log::info!("worker {} stopped", self.id);
+    }
+}
+
+/// Reads into the spare capacity of `buf` without zeroing it first.
+fn read_into(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `read` only writes into the slice and reports how many bytes it wrote; we expose
+    // exactly those bytes with set_len. u8 has no invalid bit patterns, and TcpStream::read never
+    // reads from the buffer it is given.
+    let n = unsafe {
+        let slice = std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len());
+        stream.read(slice)?
+    };
+    // SAFETY: the first n spare bytes were just initialised by read.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
