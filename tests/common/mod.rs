@@ -1,0 +1,236 @@
+//! Test support: a broker on an ephemeral loopback port, and a small blocking MQTT client built
+//! on our codec for exact, packet-level assertions. Every wait has a deadline; nothing sleeps and
+//! hopes.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tern::codec::*;
+use tern::{Broker, Config};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn config(workers: usize) -> Config {
+    Config { port: 0, workers, pin_workers: false, sys_interval: 1, ..Config::default() }
+}
+
+pub fn start(workers: usize) -> Broker {
+    start_with(config(workers))
+}
+
+pub fn start_with(config: Config) -> Broker {
+    let _ = env_logger_init();
+    Broker::start(config).expect("broker starts")
+}
+
+fn env_logger_init() -> Result<(), ()> {
+    Ok(())
+}
+
+pub fn pid(n: u16) -> PacketId {
+    PacketId::new(n).unwrap()
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    pub version: ProtocolVersion,
+    /// Packets read while waiting for another kind.
+    pending: VecDeque<Packet>,
+    next_id: u16,
+}
+
+impl Client {
+    pub fn open(addr: SocketAddr, version: ProtocolVersion) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect to broker");
+        stream.set_nodelay(true).unwrap();
+        Client { stream, buf: BytesMut::new(), version, pending: VecDeque::new(), next_id: 0 }
+    }
+
+    /// Opens a connection and completes CONNECT/CONNACK.
+    pub fn connect(addr: SocketAddr, id: &str, clean: bool) -> (Client, ConnAck) {
+        Self::connect_v(addr, id, clean, ProtocolVersion::V311)
+    }
+
+    pub fn connect_v(addr: SocketAddr, id: &str, clean: bool, v: ProtocolVersion) -> (Client, ConnAck) {
+        let mut c = Connect::new(id);
+        c.protocol = v;
+        c.clean_start = clean;
+        Self::connect_with(addr, c)
+    }
+
+    pub fn connect_with(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
+        let mut client = Client::open(addr, connect.protocol);
+        client.send(&Packet::Connect(Box::new(connect)));
+        match client.recv() {
+            Packet::ConnAck(a) => (client, *a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn send(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        p.encode(self.version, &mut out);
+        self.stream.write_all(&out).expect("write to broker");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    pub fn id(&mut self) -> PacketId {
+        self.next_id = self.next_id % 65535 + 1;
+        pid(self.next_id)
+    }
+
+    /// The next packet within `wait`, or None; panics on a closed connection.
+    pub fn try_recv(&mut self, wait: Duration) -> Option<Packet> {
+        if let Some(p) = self.pending.pop_front() {
+            return Some(p);
+        }
+        let end = Instant::now() + wait;
+        loop {
+            if let Some(p) = decode(&mut self.buf, Some(self.version), 1 << 28).expect("broker sent a valid packet") {
+                return Some(p);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("connection closed by broker"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
+                Err(e) => panic!("read error: {e}"),
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> Packet {
+        self.try_recv(DEADLINE).expect("a packet from the broker within the deadline")
+    }
+
+    /// Waits for a packet matching `pick`, keeping the others for later.
+    pub fn recv_where(&mut self, mut pick: impl FnMut(&Packet) -> bool) -> Packet {
+        let end = Instant::now() + DEADLINE;
+        let mut skipped = VecDeque::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let p = self.try_recv(left).expect("the expected packet within the deadline");
+            if pick(&p) {
+                skipped.extend(self.pending.drain(..));
+                self.pending = skipped;
+                return p;
+            }
+            skipped.push_back(p);
+        }
+    }
+
+    pub fn recv_publish(&mut self) -> Publish {
+        match self.recv_where(|p| matches!(p, Packet::Publish(_))) {
+            Packet::Publish(p) => p,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Asserts nothing arrives for `wait`.
+    pub fn expect_silence(&mut self, wait: Duration) {
+        if let Some(p) = self.try_recv(wait) {
+            panic!("expected nothing, got {p:?}");
+        }
+    }
+
+    /// Waits until the broker closes the connection.
+    pub fn expect_closed(&mut self) -> Vec<Packet> {
+        let mut seen: Vec<Packet> = self.pending.drain(..).collect();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            while let Ok(Some(p)) = decode(&mut self.buf, Some(self.version), 1 << 28) {
+                seen.push(p);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "broker did not close the connection; saw {seen:?}");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return seen,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return seen,
+            }
+        }
+    }
+
+    pub fn subscribe(&mut self, filter: &str, qos: QoS) -> ReasonCode {
+        self.subscribe_opts(filter, SubscriptionOptions::new(qos))
+    }
+
+    pub fn subscribe_opts(&mut self, filter: &str, opts: SubscriptionOptions) -> ReasonCode {
+        let id = self.id();
+        let s = Subscribe { packet_id: id, filters: vec![(filter.into(), opts)], properties: Properties::default() };
+        self.send(&Packet::Subscribe(Box::new(s)));
+        match self.recv_where(|p| matches!(p, Packet::SubAck(a) if a.packet_id == id)) {
+            Packet::SubAck(a) => a.codes[0],
+            _ => unreachable!(),
+        }
+    }
+
+    /// Publishes and completes the QoS flow as a well-behaved client.
+    pub fn publish(&mut self, topic: &str, payload: impl Into<Bytes>, qos: QoS, retain: bool) {
+        let mut p = Publish::new(topic, qos, payload.into());
+        p.retain = retain;
+        if qos != QoS::AtMostOnce {
+            p.packet_id = Some(self.id());
+        }
+        let id = p.packet_id;
+        self.send(&Packet::Publish(p));
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.recv_where(|p| matches!(p, Packet::PubAck(a) if Some(a.packet_id) == id));
+            }
+            QoS::ExactlyOnce => {
+                self.recv_where(|p| matches!(p, Packet::PubRec(a) if Some(a.packet_id) == id));
+                self.send(&Packet::PubRel(Ack::new(id.unwrap())));
+                self.recv_where(|p| matches!(p, Packet::PubComp(a) if Some(a.packet_id) == id));
+            }
+        }
+    }
+
+    /// Acknowledges a received PUBLISH as a well-behaved client (QoS 2: the whole flow).
+    pub fn ack(&mut self, p: &Publish) {
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => self.send(&Packet::PubAck(Ack::new(id))),
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.send(&Packet::PubRec(Ack::new(id)));
+                self.recv_where(|p| matches!(p, Packet::PubRel(a) if a.packet_id == id));
+                self.send(&Packet::PubComp(Ack::new(id)));
+            }
+            _ => {}
+        }
+    }
+
+    /// A PINGREQ answered: everything the broker had queued for us before it has arrived.
+    pub fn sync(&mut self) {
+        self.send(&Packet::PingReq);
+        self.recv_where(|p| matches!(p, Packet::PingResp));
+    }
+
+    pub fn disconnect(mut self) {
+        self.send(&Packet::Disconnect(Box::default()));
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 1024];
+        self.stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        while matches!(self.stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Every test runs with one worker and with four, so that clients sit on different workers and
+/// handover and cross-worker delivery are exercised.
+pub const WORKER_COUNTS: [usize; 2] = [1, 4];
