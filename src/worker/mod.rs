@@ -412,13 +412,11 @@ impl Worker {
         if let Some(ProtocolVersion::V5) = c.version {
             Packet::Disconnect(Box::new(Disconnect::new(e.reason_code()))).encode(ProtocolVersion::V5, &mut c.wbuf);
         } else if c.version.is_none() && e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
-            // [MQTT-3.1.2-2]: answer an unsupported level with CONNACK 0x01 (0x84 in 5.0) and close.
-            let code = match e {
-                DecodeError::UnsupportedProtocolLevel(5..) => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-                _ => crate::codec::ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION,
-            };
-            let v = if code.0 > 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
-            Packet::ConnAck(Box::new(crate::codec::ConnAck { code, ..Default::default() })).encode(v, &mut c.wbuf);
+            // [MQTT-3.1.2-2]: answer an unsupported level with CONNACK 0x01 and close. The level is
+            // unknown, so the answer takes the 3.1.1 form, as other brokers do.
+            let code = crate::codec::ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION;
+            Packet::ConnAck(Box::new(crate::codec::ConnAck { code, ..Default::default() }))
+                .encode(ProtocolVersion::V311, &mut c.wbuf);
         }
         self.close(k, CloseKind::Abnormal);
     }
