@@ -139,6 +139,11 @@ impl Broker {
         self.addr
     }
 
+    /// Whether every worker thread is still running (none has died of a panic).
+    pub fn is_healthy(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
     /// A handle that can stop the broker from another thread (a signal handler's thread).
     pub fn stopper(&self) -> Stopper {
         Stopper(self.shared.clone())

@@ -172,7 +172,11 @@ fn suback_refuses_invalid_filters_and_unsubscribe_stops_delivery() {
         s.send(&Packet::Subscribe(Box::new(sub)));
         let Packet::SubAck(ack) = s.recv() else { panic!("SUBACK") };
         assert_eq!(ack.packet_id, id, "[MQTT-3.8.4-2] same packet id");
-        assert_eq!(ack.codes, vec![ReasonCode(1), ReasonCode(0x80), ReasonCode(0x80)], "one code per filter [MQTT-3.9.3-1]");
+        assert_eq!(
+            ack.codes,
+            vec![ReasonCode(1), ReasonCode(0x80), ReasonCode(0x80)],
+            "one code per filter [MQTT-3.9.3-1]"
+        );
         let (mut p, _) = Client::connect(b.local_addr(), "p", true);
         p.publish("ok/1", "a", QoS::AtLeastOnce, false);
         let m = s.recv_publish();

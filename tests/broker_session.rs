@@ -252,7 +252,10 @@ fn protocol_level_and_second_connect_are_enforced() {
     let mut c = Client::open(b.local_addr(), ProtocolVersion::V311);
     c.send_raw(&[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 60, 0, 0]).unwrap();
     let seen = c.expect_closed();
-    assert!(matches!(&seen[..], [Packet::ConnAck(a)] if a.code == ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION), "{seen:?}");
+    assert!(
+        matches!(&seen[..], [Packet::ConnAck(a)] if a.code == ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION),
+        "{seen:?}"
+    );
     // [MQTT-3.1.0-2]: a second CONNECT is a protocol violation.
     let (mut c, _) = Client::connect(b.local_addr(), "twice", true);
     c.send(&Packet::Connect(Box::new(Connect::new("twice"))));

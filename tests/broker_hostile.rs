@@ -1,0 +1,252 @@
+//! Hostile and heavy clients: a flood of malformed packets and a stalled subscriber must not hurt
+//! anyone else, and memory stays bounded. The broker runs in-process here, except where its RSS
+//! or its exit is measured (then it is the real `tern` binary).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use tern::codec::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A packet that breaks a rule: a valid one mutated, or random bytes.
+fn malformed(rng: &mut Rng) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    let samples: Vec<Packet> = vec![
+        Packet::Publish(Publish::new("a/b", QoS::AtLeastOnce, Bytes::from_static(b"payload"))),
+        Packet::Subscribe(Box::new(Subscribe {
+            packet_id: pid(1),
+            filters: vec![("x/#".into(), SubscriptionOptions::new(QoS::AtLeastOnce))],
+            properties: Properties::default(),
+        })),
+        Packet::PubRel(Box::new(Ack::new(pid(3))).as_ref().clone()),
+        Packet::Unsubscribe(Box::new(Unsubscribe {
+            packet_id: pid(2),
+            filters: vec!["x".into()],
+            properties: Properties::default(),
+        })),
+    ];
+    match rng.below(4) {
+        0 => (0..1 + rng.below(40)).map(|_| rng.next() as u8).collect(),
+        _ => {
+            samples[rng.below(samples.len())].encode(ProtocolVersion::V311, &mut out);
+            let mut v = out.to_vec();
+            for _ in 0..1 + rng.below(3) {
+                let i = rng.below(v.len());
+                match rng.below(3) {
+                    0 => v[i] = rng.next() as u8,
+                    1 => v[i] ^= 1 << rng.below(8),
+                    _ => v.truncate(i.max(1)),
+                }
+            }
+            if rng.below(2) == 0 {
+                v[0] = (v[0] & 0xf0) | (rng.next() as u8 & 0x0f); // break the flags too
+            }
+            v
+        }
+    }
+}
+
+#[test]
+fn ten_thousand_malformed_packets_do_not_disturb_a_healthy_client() {
+    for w in WORKER_COUNTS {
+        let b = start(w);
+        let addr = b.local_addr();
+        let (mut sub, _) = Client::connect(addr, "healthy-sub", true);
+        sub.subscribe("healthy", QoS::AtLeastOnce);
+        let (mut publ, _) = Client::connect(addr, "healthy-pub", true);
+        let stop = Arc::new(AtomicBool::new(false));
+        let attackers: Vec<_> = (0..8u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1) * 0x1234_5678);
+                    for i in 0..1250 {
+                        let mut s = std::net::TcpStream::connect(addr).unwrap();
+                        let mut bytes = Vec::new();
+                        if i % 2 == 0 {
+                            // Half come after a valid CONNECT, to reach the packet handlers.
+                            let mut c = BytesMut::new();
+                            Connect::new(format!("attacker-{t}-{i}").as_str()).encode(&mut c);
+                            bytes.extend_from_slice(&c);
+                        }
+                        bytes.extend(malformed(&mut rng));
+                        let _ = s.write_all(&bytes);
+                        drop(s);
+                    }
+                })
+            })
+            .collect();
+        let mut sent = 0u32;
+        let started = Instant::now();
+        while !attackers.iter().all(|a| a.is_finished()) || sent < 100 {
+            publ.publish("healthy", sent.to_be_bytes().to_vec(), QoS::AtLeastOnce, false);
+            let m = sub.recv_publish();
+            assert_eq!(&m.payload[..], sent.to_be_bytes(), "in order, none lost");
+            sub.ack(&m);
+            sent += 1;
+            assert!(started.elapsed() < Duration::from_secs(300), "bounded in time");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for a in attackers {
+            a.join().unwrap();
+        }
+        assert!(b.is_healthy(), "no worker died");
+        // Every worker still serves new clients.
+        for i in 0..8 {
+            let (mut c, _) = Client::connect(addr, &format!("after-{i}"), true);
+            c.subscribe("after", QoS::AtMostOnce);
+            c.sync();
+        }
+        b.shutdown();
+    }
+}
+
+/// Runs the real binary on an ephemeral port; returns it and its port.
+fn spawn_tern(extra: &[&str], config: &str) -> (Child, u16, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tern-test-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tern.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["-c", file.to_str().unwrap(), "-p", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tern binary runs");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let port = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("tern logs its address");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    (child, port, dir)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+/// The bound stated in README: a stalled subscriber costs at most its output buffer
+/// (`max_output_bytes`, 1 MiB) plus socket buffers; the whole broker stays under 64 MiB.
+const RSS_BOUND_KB: u64 = 64 * 1024;
+
+#[test]
+fn stalled_subscriber_does_not_grow_memory_or_starve_others() {
+    let (mut child, port, dir) = spawn_tern(&["--workers", "2"], "");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // Never reads a byte after SUBACK.
+    let (mut stalled, _) = Client::connect(addr, "stalled", true);
+    stalled.subscribe("big", QoS::AtMostOnce);
+    stalled.stream.set_read_timeout(None).unwrap();
+    let (mut healthy, _) = Client::connect(addr, "healthy", true);
+    healthy.subscribe("big", QoS::AtLeastOnce);
+    let (mut publ, _) = Client::connect(addr, "publisher", true);
+
+    const N: usize = 3200; // x 64 KiB = 200 MiB
+    let payload = Bytes::from(vec![0x5a; 64 * 1024]);
+    let reader = std::thread::spawn(move || {
+        for i in 0..N {
+            let m = healthy.recv_publish();
+            assert_eq!(m.payload.len(), 64 * 1024);
+            assert_eq!(u32::from_be_bytes(m.payload[..4].try_into().unwrap()) as usize, i, "in order, none lost");
+            healthy.ack(&m);
+        }
+    });
+    for i in 0..N {
+        let mut p = payload.to_vec();
+        p[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        publ.publish("big", p, QoS::AtLeastOnce, false);
+    }
+    reader.join().expect("the healthy subscriber received all 200 MiB");
+    let peak = status_kb(child.id(), "VmHWM:");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    drop(stalled);
+    assert!(peak < RSS_BOUND_KB, "broker peak RSS {peak} KiB exceeds {RSS_BOUND_KB} KiB");
+    println!("broker peak RSS over 200 MiB with a stalled subscriber: {peak} KiB");
+}
+
+#[test]
+fn sigterm_publishes_wills_and_exits_cleanly() {
+    let (mut child, port, dir) = spawn_tern(&["--workers", "1"], "");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (mut watcher, _) = Client::connect(addr, "watcher", true);
+    watcher.subscribe("will/#", QoS::AtMostOnce);
+    let mut c = Connect::new("leaver");
+    c.will = Some(Will {
+        topic: "will/leaver".into(),
+        payload: Bytes::from_static(b"server went away"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    let (mut leaver, _) = Client::connect_with(addr, c);
+    leaver.sync();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let m = watcher.recv_publish();
+    assert_eq!(m.topic, "will/leaver");
+    let deadline = Instant::now() + DEADLINE;
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tern exits after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "exit 0 after SIGTERM, got {code:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn invalid_config_names_the_key_and_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("tern-cfg-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, key) in [
+        ("max_inflight_messages = 0\n", "max_inflight_messages"),
+        ("prot = 1883\n", "prot"),
+        ("port = \"x\"\n", "port"),
+    ] {
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tern")).args(["-c", file.to_str().unwrap()]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "message names `{key}`: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
