@@ -80,8 +80,20 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: String::new(), err: e.message().to_string() })?;
+        let parse_err = |err: String| ConfigError::Parse { path: String::new(), err };
+        let table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let c = Config::deserialize(table.clone()).map_err(|e| {
+            // Name the key: the first one that fails on its own is the culprit.
+            let culprit = table.iter().find(|(k, v)| {
+                let mut one = toml::Table::new();
+                one.insert((*k).clone(), (*v).clone());
+                Config::deserialize(one).is_err()
+            });
+            match culprit {
+                Some((k, _)) if !e.message().contains(k.as_str()) => parse_err(format!("`{k}`: {}", e.message())),
+                _ => parse_err(e.message().to_string()),
+            }
+        })?;
         c.validate()?;
         Ok(c)
     }
