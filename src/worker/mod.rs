@@ -185,7 +185,11 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            let timeout = if self.more_to_read.is_empty() && self.overflow.iter().all(|o| o.is_empty()) {
+            // A ring is drained by at most what it held when draining began, so mail may be left;
+            // a producer wakes us only on empty-to-non-empty, so look before sleeping.
+            let mail_waiting = self.inbox.iter().flatten().any(|c| !c.is_empty());
+            let idle = self.more_to_read.is_empty() && self.overflow.iter().all(|o| o.is_empty());
+            let timeout = if idle && !mail_waiting {
                 self.next_tick.saturating_duration_since(now)
             } else {
                 Duration::ZERO
