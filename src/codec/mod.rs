@@ -169,7 +169,7 @@ pub fn decode(
     frame.advance(header_len);
     if kind == packet_type::PUBLISH {
         if let Some(v) = version {
-            return Ok(Some(Packet::Publish(Publish::decode(frame.freeze(), flags, v)?)));
+            return Ok(Some(Packet::Publish(Publish::decode(frame, flags, v)?)));
         }
     }
     let mut r = Reader::new(frame);

@@ -1,6 +1,6 @@
 //! PUBLISH (3.3) and its acknowledgements PUBACK, PUBREC, PUBREL, PUBCOMP (3.4 to 3.7).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::wire::{parse_varint, put_str, topic_name_str, MqttStr, Reader};
 use super::{
@@ -26,15 +26,15 @@ impl Publish {
         Publish { topic: topic.into(), qos, payload: payload.into(), ..Default::default() }
     }
 
-    /// Decodes from a frozen packet body: topic and payload become slices of `body`.
-    pub(super) fn decode(body: Bytes, flags: u8, v: ProtocolVersion) -> Result<Publish, DecodeError> {
+    /// Decodes from a packet body: topic and payload are split off it (no copy).
+    pub(super) fn decode(mut body: BytesMut, flags: u8, v: ProtocolVersion) -> Result<Publish, DecodeError> {
         let p = PublishRef::parse(&body, flags, v)?;
-        Ok(p.to_owned_in(&body))
-    }
-
-    /// The first byte of the fixed header.
-    pub fn first_byte(&self) -> u8 {
-        packet_type::PUBLISH << 4 | (self.dup as u8) << 3 | (self.qos as u8) << 1 | self.retain as u8
+        let (topic_len, payload_at) = (p.topic.len(), body.len() - p.payload.len());
+        let (dup, qos, retain, packet_id, properties) = (p.dup, p.qos, p.retain, p.packet_id, p.properties);
+        body.advance(2);
+        let topic = MqttStr::from_validated(body.split_to(topic_len).freeze());
+        body.advance(payload_at - 2 - topic_len);
+        Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: body.freeze() })
     }
 
     fn header(&self) -> PublishHeader<'_> {
