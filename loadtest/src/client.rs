@@ -1,0 +1,514 @@
+//! The load generator's event loop: every publisher and subscriber is a non-blocking socket on one
+//! `mio::Poll`; reads are large and parsed in bulk, writes are batched per socket per iteration.
+
+use std::io::{self, BufRead, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::mqtt::{self, Frame};
+use crate::report::{self, Outcome};
+use crate::{RunArgs, Scenario};
+
+const READ_BUF: usize = 256 * 1024;
+const WRITE_HIGH: usize = 64 * 1024;
+
+enum Role {
+    Publisher { index: usize, topic: String },
+    /// `next_seq[p]`: the sequence number expected next from publisher p.
+    Subscriber { filter: String, next_seq: Vec<u64> },
+    Idle,
+}
+
+struct Client {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    rlen: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    connected: bool,
+    subscribed: bool,
+    role: Role,
+    inflight: usize,
+    next_pid: u16,
+    seq: u64,
+    closed: bool,
+}
+
+impl Client {
+    fn open(addr: std::net::SocketAddr, role: Role, id: &str, args: &RunArgs, read_buf: usize) -> io::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut c = Client {
+            stream,
+            rbuf: vec![0; read_buf],
+            rlen: 0,
+            wbuf: Vec::with_capacity(if read_buf > 4096 { WRITE_HIGH * 2 } else { 64 }),
+            wpos: 0,
+            connected: false,
+            subscribed: false,
+            role,
+            inflight: 0,
+            next_pid: 0,
+            seq: 0,
+            closed: false,
+        };
+        mqtt::connect(&mut c.wbuf, id, args.keepalive, args.v5());
+        if let Role::Subscriber { filter, .. } = &c.role {
+            let f = filter.clone();
+            mqtt::subscribe(&mut c.wbuf, 1, &f, args.qos, args.v5());
+        } else {
+            c.subscribed = true;
+        }
+        Ok(c)
+    }
+
+    fn ready(&self) -> bool {
+        self.connected && self.subscribed
+    }
+
+    fn pending(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Writes what is buffered until done or the socket would block.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => break, // connect in progress
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        } else if self.wpos > WRITE_HIGH {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        Ok(())
+    }
+}
+
+/// What the run measures, shared by the frame handlers.
+struct Tally {
+    base: Instant,
+    hist: Histogram<u64>,
+    received: u64,
+    duplicates: u64,
+    lost: u64,
+    last_rx: Instant,
+}
+
+/// Which publishers each subscriber hears, by scenario.
+fn plan(args: &RunArgs) -> (Vec<String>, Vec<(String, Vec<usize>)>) {
+    let p = |default| args.publishers.unwrap_or(default);
+    match args.scenario {
+        Scenario::Fanin | Scenario::Latency => {
+            let n = p(if args.scenario == Scenario::Fanin { 4 } else { 1 });
+            let name = if args.scenario == Scenario::Fanin { "fanin" } else { "latency" };
+            let pubs = (0..n).map(|i| format!("lt/{name}/{i}")).collect();
+            (pubs, vec![(format!("lt/{name}/+"), (0..n).collect())])
+        }
+        Scenario::Fanout => {
+            let s = args.subscribers.unwrap_or(100);
+            (vec!["lt/fanout".into()], (0..s).map(|_| ("lt/fanout".to_string(), vec![0])).collect())
+        }
+        Scenario::Pairs => {
+            let n = args.pairs;
+            ((0..n).map(|i| format!("lt/pair/{i}")).collect(), (0..n).map(|i| (format!("lt/pair/{i}"), vec![i])).collect())
+        }
+        Scenario::Conns => (vec![], vec![]),
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<(), String> {
+    if args.scenario == Scenario::Conns {
+        return conns(&args);
+    }
+    if args.size < 20 {
+        return Err("--size must be at least 20 bytes".into());
+    }
+    let addr = args.addr();
+    let (pub_topics, subs) = plan(&args);
+    let npub = pub_topics.len();
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let mut clients: Vec<Client> = Vec::new();
+    let run_id = std::process::id();
+    for (i, (filter, _)) in subs.iter().enumerate() {
+        let role = Role::Subscriber { filter: filter.clone(), next_seq: vec![0; npub] };
+        clients.push(Client::open(addr, role, &format!("lt-{run_id}-s{i}"), &args, READ_BUF).map_err(|e| e.to_string())?);
+    }
+    let first_pub = clients.len();
+    for (i, topic) in pub_topics.iter().enumerate() {
+        let role = Role::Publisher { index: i, topic: topic.clone() };
+        clients.push(Client::open(addr, role, &format!("lt-{run_id}-p{i}"), &args, 64 * 1024).map_err(|e| e.to_string())?);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        poll.registry()
+            .register(&mut c.stream, Token(i), Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut tally = Tally {
+        base: Instant::now(),
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"),
+        received: 0,
+        duplicates: 0,
+        lost: 0,
+        last_rx: Instant::now(),
+    };
+    let mut events = Events::with_capacity(1024);
+
+    // Phase 1: everyone connected and subscribed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !clients.iter().all(|c| c.ready()) {
+        if Instant::now() > deadline {
+            return Err("clients did not connect and subscribe within 30 s".into());
+        }
+        step(&mut poll, &mut events, &mut clients, &mut tally, &args, Duration::from_millis(10))?;
+    }
+
+    // Phase 2: publish for the duration (or count), then drain.
+    let rate = args.rate.unwrap_or(if args.scenario == Scenario::Latency { 20_000.0 } else { 0.0 });
+    let per_pub_rate = rate / npub as f64;
+    let cpu_before = args.broker_pid.and_then(report::cpu_seconds);
+    let t0 = Instant::now();
+    let end = t0 + args.duration();
+    tally.last_rx = t0;
+    let mut payload = vec![0u8; args.size];
+    let mut sent = 0u64;
+    loop {
+        let now = Instant::now();
+        let publishing = now < end;
+        if publishing {
+            for c in clients[first_pub..].iter_mut() {
+                let Role::Publisher { index, ref topic } = c.role else { continue };
+                let due = if rate > 0.0 {
+                    ((now - t0).as_secs_f64() * per_pub_rate) as u64 + 1
+                } else {
+                    u64::MAX
+                };
+                while c.seq < due
+                    && (args.count == 0 || c.seq < args.count)
+                    && c.pending() < WRITE_HIGH
+                    && (args.qos == 0 || c.inflight < args.window)
+                {
+                    // Latency counts from when the message was due, not when it went out:
+                    // a stalled broker cannot hide its stall (no coordinated omission).
+                    let stamp = if rate > 0.0 {
+                        t0 + Duration::from_secs_f64(c.seq as f64 / per_pub_rate)
+                    } else {
+                        now
+                    };
+                    payload[..8].copy_from_slice(&((stamp - tally.base).as_nanos() as u64).to_le_bytes());
+                    payload[8..16].copy_from_slice(&c.seq.to_le_bytes());
+                    payload[16..20].copy_from_slice(&(index as u32).to_le_bytes());
+                    let pid = if args.qos > 0 {
+                        c.next_pid = c.next_pid % 65535 + 1;
+                        c.next_pid
+                    } else {
+                        0
+                    };
+                    mqtt::publish(&mut c.wbuf, topic, args.qos, pid, &payload, args.v5());
+                    c.seq += 1;
+                    sent += 1;
+                    if args.qos > 0 {
+                        c.inflight += 1;
+                    }
+                }
+            }
+        }
+        let all_counted = args.count > 0 && clients[first_pub..].iter().all(|c| c.seq >= args.count);
+        let expected: u64 = expected_receipts(&clients, first_pub, &subs);
+        let acked = clients[first_pub..].iter().all(|c| c.inflight == 0);
+        if !publishing || all_counted {
+            let quiet = now.duration_since(tally.last_rx.max(end.min(now))) > Duration::from_millis(500);
+            let done = tally.received + tally.lost >= expected && acked;
+            let drained = now > end.min(now) + Duration::from_secs_f64(args.drain);
+            if done || (args.qos == 0 && quiet) || drained {
+                break;
+            }
+        }
+        // epoll waits in whole milliseconds: at a fixed rate, spin (timeout 0) so a message goes out
+        // when it is due, not up to a millisecond late. The load generator has its own core.
+        let wait = if rate > 0.0 && publishing { Duration::ZERO } else { Duration::from_millis(1) };
+        step(&mut poll, &mut events, &mut clients, &mut tally, &args, wait)?;
+    }
+    let cpu_after = args.broker_pid.and_then(report::cpu_seconds);
+    for c in clients.iter_mut() {
+        mqtt::disconnect(&mut c.wbuf);
+        let _ = c.flush();
+    }
+    // Loss: what each subscriber never saw, from the publishers' final sequence numbers.
+    let expected = expected_receipts(&clients, first_pub, &subs);
+    let missing = expected.saturating_sub(tally.received);
+    let elapsed = tally.last_rx.max(end.min(tally.last_rx)).duration_since(t0).max(Duration::from_millis(1));
+    let outcome = Outcome {
+        scenario: format!("{:?}", args.scenario).to_lowercase(),
+        label: args.label.clone(),
+        mqtt: if args.v5() { "5".into() } else { "3.1.1".into() },
+        qos: args.qos,
+        size: args.size,
+        publishers: npub,
+        subscribers: subs.len(),
+        offered_rate: rate,
+        duration_s: args.duration,
+        sent,
+        expected,
+        received: tally.received,
+        duplicates: tally.duplicates,
+        lost: missing,
+        throughput: tally.received as f64 / elapsed.as_secs_f64(),
+        hist: Some(tally.hist),
+        broker_cpu_s: match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+        broker_rss: args.broker_pid.and_then(report::rss_bytes),
+        connect_rate: None,
+        rss_per_connection: None,
+        connections: None,
+    };
+    report::emit(&outcome, args.json.as_deref())?;
+    if args.qos > 0 && (outcome.lost > 0 || outcome.duplicates > 0) {
+        return Err(format!("QoS {} run lost {} and duplicated {} messages", args.qos, outcome.lost, outcome.duplicates));
+    }
+    Ok(())
+}
+
+fn expected_receipts(clients: &[Client], first_pub: usize, subs: &[(String, Vec<usize>)]) -> u64 {
+    subs.iter().map(|(_, pubs)| pubs.iter().map(|&p| clients[first_pub + p].seq).sum::<u64>()).sum()
+}
+
+/// One poll, then reads and frame handling for every ready socket, then a flush of every socket
+/// with output.
+fn step(
+    poll: &mut Poll,
+    events: &mut Events,
+    clients: &mut [Client],
+    tally: &mut Tally,
+    args: &RunArgs,
+    timeout: Duration,
+) -> Result<(), String> {
+    poll.poll(events, Some(timeout)).map_err(|e| e.to_string())?;
+    for ev in events.iter() {
+        let c = &mut clients[ev.token().0];
+        if ev.is_readable() || ev.is_read_closed() {
+            read_client(c, tally, args)?;
+        }
+    }
+    for c in clients.iter_mut() {
+        if c.pending() > 0 {
+            c.flush().map_err(|e| format!("write to broker: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_client(c: &mut Client, tally: &mut Tally, args: &RunArgs) -> Result<(), String> {
+    loop {
+        if c.rlen == c.rbuf.len() {
+            return Err("a packet larger than the read buffer".into());
+        }
+        match c.stream.read(&mut c.rbuf[c.rlen..]) {
+            Ok(0) => {
+                if !c.closed {
+                    c.closed = true;
+                    return Err("broker closed a connection".into());
+                }
+                return Ok(());
+            }
+            Ok(n) => {
+                c.rlen += n;
+                handle_frames(c, tally, args)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read from broker: {e}")),
+        }
+    }
+}
+
+fn handle_frames(c: &mut Client, tally: &mut Tally, args: &RunArgs) -> Result<(), String> {
+    let v5 = args.v5();
+    let mut at = 0;
+    let now = Instant::now();
+    while let Some((frame, len)) = mqtt::parse(&c.rbuf[at..c.rlen], v5)? {
+        match frame {
+            Frame::ConnAck { code } => {
+                if code != 0 {
+                    return Err(format!("CONNACK refused with code {code:#04x}"));
+                }
+                c.connected = true;
+            }
+            Frame::SubAck { codes } => {
+                if codes.iter().any(|&x| x >= 0x80) {
+                    return Err("SUBSCRIBE refused".into());
+                }
+                c.subscribed = true;
+            }
+            Frame::Publish { qos, packet_id, payload } => {
+                if payload.len() >= 20 {
+                    let stamp = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                    let seq = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+                    let publisher = u32::from_le_bytes(payload[16..20].try_into().expect("4 bytes")) as usize;
+                    let latency = (now - tally.base).as_nanos() as u64;
+                    let _ = tally.hist.record(latency.saturating_sub(stamp).max(1));
+                    if let Role::Subscriber { next_seq, .. } = &mut c.role {
+                        if let Some(next) = next_seq.get_mut(publisher) {
+                            if seq < *next {
+                                tally.duplicates += 1;
+                            } else {
+                                tally.received += 1;
+                                *next = seq + 1;
+                            }
+                        }
+                    }
+                    tally.last_rx = now;
+                }
+                match qos {
+                    1 => mqtt::ack(&mut c.wbuf, mqtt::PUBACK, packet_id),
+                    2 => mqtt::ack(&mut c.wbuf, mqtt::PUBREC, packet_id),
+                    _ => {}
+                }
+            }
+            Frame::Ack { kind, packet_id } => match kind {
+                mqtt::PUBACK | mqtt::PUBCOMP => c.inflight = c.inflight.saturating_sub(1),
+                mqtt::PUBREC => mqtt::ack(&mut c.wbuf, mqtt::PUBREL, packet_id),
+                mqtt::PUBREL => mqtt::ack(&mut c.wbuf, mqtt::PUBCOMP, packet_id),
+                _ => {}
+            },
+            Frame::Disconnect => return Err("broker sent DISCONNECT".into()),
+            Frame::PingResp | Frame::Other => {}
+        }
+        at += len;
+    }
+    c.rbuf.copy_within(at..c.rlen, 0);
+    c.rlen -= at;
+    Ok(())
+}
+
+/// `conns`: opens idle connections (at most 500 handshakes at a time), holds them, and reports
+/// the connect rate and the broker's RSS per connection.
+fn conns(args: &RunArgs) -> Result<(), String> {
+    if args.procs > 1 && !args.child {
+        return conns_multi(args);
+    }
+    let rss_before = args.broker_pid.and_then(report::rss_bytes);
+    let (opened, secs, _held) = open_idle(args)?;
+    if args.child {
+        println!("ready {opened} {secs}");
+        let _ = io::stdout().flush();
+        // Hold until the parent closes our stdin.
+        let mut sink = String::new();
+        let _ = io::stdin().read_to_string(&mut sink);
+        return Ok(());
+    }
+    std::thread::sleep(Duration::from_secs_f64(args.hold));
+    finish_conns(args, opened, secs, rss_before)
+}
+
+fn conns_multi(args: &RunArgs) -> Result<(), String> {
+    let rss_before = args.broker_pid.and_then(report::rss_bytes);
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let per = args.connections.div_ceil(args.procs);
+    let mut children = Vec::new();
+    for i in 0..args.procs {
+        let n = per.min(args.connections - i * per);
+        let child = Command::new(&exe)
+            .args(["run", "conns", "--child", "--host", &args.host, "--port", &args.port.to_string()])
+            .args(["--connections", &n.to_string(), "--keepalive", &args.keepalive.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        children.push(child);
+    }
+    let mut opened = 0;
+    let mut secs: f64 = 0.0;
+    for child in children.iter_mut() {
+        let mut line = String::new();
+        io::BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.first() != Some(&"ready") {
+            return Err(format!("a conns helper failed: {line:?}"));
+        }
+        opened += parts[1].parse::<usize>().unwrap_or(0);
+        secs = secs.max(parts[2].parse::<f64>().unwrap_or(0.0));
+    }
+    std::thread::sleep(Duration::from_secs_f64(args.hold));
+    let r = finish_conns(args, opened, secs, rss_before);
+    for mut child in children {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    r
+}
+
+fn finish_conns(args: &RunArgs, opened: usize, secs: f64, rss_before: Option<u64>) -> Result<(), String> {
+    let rss_after = args.broker_pid.and_then(report::rss_bytes);
+    let per_conn = match (rss_before, rss_after) {
+        (Some(a), Some(b)) if opened > 0 => Some(b.saturating_sub(a) as f64 / opened as f64),
+        _ => None,
+    };
+    let outcome = Outcome {
+        scenario: "conns".into(),
+        label: args.label.clone(),
+        mqtt: if args.v5() { "5".into() } else { "3.1.1".into() },
+        connections: Some(opened),
+        connect_rate: Some(opened as f64 / secs.max(1e-6)),
+        rss_per_connection: per_conn,
+        broker_rss: rss_after,
+        ..Outcome::default()
+    };
+    report::emit(&outcome, args.json.as_deref())?;
+    if opened < args.connections {
+        return Err(format!("only {opened} of {} connections were accepted", args.connections));
+    }
+    Ok(())
+}
+
+/// Opens `args.connections` idle MQTT connections; returns (opened, seconds taken, clients).
+fn open_idle(args: &RunArgs) -> Result<(usize, f64, Vec<Client>), String> {
+    let addr = args.addr();
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let mut events = Events::with_capacity(1024);
+    let mut clients: Vec<Client> = Vec::with_capacity(args.connections);
+    let mut tally = Tally {
+        base: Instant::now(),
+        hist: Histogram::new(3).expect("histogram"),
+        received: 0,
+        duplicates: 0,
+        lost: 0,
+        last_rx: Instant::now(),
+    };
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let id = std::process::id();
+    let mut connected = 0;
+    while connected < args.connections {
+        while clients.len() < args.connections && clients.len() - connected < 500 {
+            let mut c = Client::open(addr, Role::Idle, &format!("lt-{id}-c{}", clients.len()), args, 256)
+                .map_err(|e| format!("connect: {e}"))?;
+            poll.registry()
+                .register(&mut c.stream, Token(clients.len()), Interest::READABLE | Interest::WRITABLE)
+                .map_err(|e| e.to_string())?;
+            clients.push(c);
+        }
+        step(&mut poll, &mut events, &mut clients, &mut tally, args, Duration::from_millis(5))?;
+        connected = clients.iter().filter(|c| c.connected).count();
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    Ok((connected, start.elapsed().as_secs_f64(), clients))
+}

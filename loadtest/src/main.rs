@@ -1,0 +1,175 @@
+//! tern-loadtest: drives any MQTT broker with publishers and subscribers on one non-blocking event
+//! loop, records end-to-end latency in an HDR histogram, checks every message for loss and
+//! duplication, and prints a table and one JSON line per run.
+
+mod client;
+mod mqtt;
+mod plot;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one load scenario against a broker.
+    Run(RunArgs),
+    /// Draw SVG charts from JSON result lines (as written with --json).
+    Plot {
+        /// JSON-lines file of results.
+        #[arg(long)]
+        input: PathBuf,
+        /// Directory for the SVG files.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Write a markdown table of medians and ratios from JSON result lines.
+    Summarize {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The label whose figures are divided ...
+        #[arg(long, default_value = "tern")]
+        first: String,
+        /// ... by this label's.
+        #[arg(long, default_value = "mosquitto")]
+        second: String,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// P publishers -> 1 wildcard subscriber.
+    Fanin,
+    /// 1 publisher -> S subscribers of one topic.
+    Fanout,
+    /// N publisher/subscriber pairs on distinct topics.
+    Pairs,
+    /// A fixed offered rate, for honest latency percentiles (no coordinated omission).
+    Latency,
+    /// N idle connections with keepalive: connect rate and broker RSS per connection.
+    Conns,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttVersion {
+    #[value(name = "3.1.1")]
+    V311,
+    #[value(name = "5")]
+    V5,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct RunArgs {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Payload bytes (at least 20: timestamp, sequence, publisher).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Stop each publisher after this many messages (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+    /// Offered messages per second over all publishers (0: as fast as the broker takes them).
+    /// Defaults to 20000 for `latency`.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Publishers (fanin default 4, latency 1).
+    #[arg(long)]
+    pub publishers: Option<usize>,
+    /// Subscribers (fanout default 100).
+    #[arg(long)]
+    pub subscribers: Option<usize>,
+    /// Publisher/subscriber pairs (pairs default 50).
+    #[arg(long, default_value_t = 50)]
+    pub pairs: usize,
+    /// Connections for `conns`.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Split `conns` over this many processes (each process may hold fewer open files).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Seconds to hold the idle connections in `conns` before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub hold: f64,
+    /// Keepalive seconds sent in CONNECT.
+    #[arg(long, default_value_t = 60)]
+    pub keepalive: u16,
+    /// QoS 1/2 messages a publisher may have unacknowledged. Keep it at or below the broker's
+    /// outgoing window (20 in tern and mosquitto) or a fast publisher overflows the subscriber's
+    /// queue, which brokers answer by dropping.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Seconds to wait after publishing for the last messages and acknowledgements.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+    /// Pin the load generator to this CPU.
+    #[arg(long)]
+    pub pin: Option<usize>,
+    #[arg(long = "mqtt", value_enum, default_value = "3.1.1")]
+    pub mqtt: MqttVersion,
+    /// The broker's pid: report its CPU time and RSS.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// A name for the broker in the output (e.g. tern, mosquitto).
+    #[arg(long, default_value = "broker")]
+    pub label: String,
+    /// Append the JSON result line to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Internal: run as a `conns` helper process.
+    #[arg(long, hide = true)]
+    pub child: bool,
+}
+
+impl RunArgs {
+    pub fn addr(&self) -> SocketAddr {
+        format!("{}:{}", self.host, self.port).parse().expect("--host must be an IP address")
+    }
+    pub fn v5(&self) -> bool {
+        self.mqtt == MqttVersion::V5
+    }
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => {
+            if let Some(cpu) = args.pin {
+                let ok = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+                if !ok {
+                    eprintln!("tern-loadtest: cannot pin to CPU {cpu}");
+                }
+            }
+            client::run(args)
+        }
+        Command::Plot { input, out_dir } => plot::plot(&input, &out_dir),
+        Command::Summarize { input, out, first, second } => plot::summarize(&input, &out, &first, &second),
+    };
+    if let Err(e) = result {
+        eprintln!("tern-loadtest: {e}");
+        std::process::exit(1);
+    }
+}

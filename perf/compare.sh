@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Side by side: tern (1 worker) and mosquitto on the same machine, in the same run.
+# Each broker is pinned to CPU 0 with taskset, the load generator to CPU 1; loopback only; every
+# run is bounded in time. Writes perf/report/{results.jsonl,REPORT.md,throughput.svg,latency.svg}.
+#
+#   perf/compare.sh                 # 3 repetitions, 5 s per run
+#   REPS=5 DURATION=10 perf/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-5}
+PORT=${PORT:-18830}
+CONNS=${CONNS:-15000}     # open files are capped per process: keep below the broker's limit
+OUT=${OUT:-perf/report}
+BROKER_CPU=${BROKER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+if ! command -v mosquitto >/dev/null 2>&1; then
+    echo "installing mosquitto from Debian"
+    apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
+fi
+cargo build --release -q -p tern -p tern-loadtest
+LT=target/release/tern-loadtest
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+WORK=$(mktemp -d)
+trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+BPID=
+
+cat > "$WORK/mosquitto.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages 20
+max_queued_messages 1000
+set_tcp_nodelay true
+log_dest none
+CONF
+
+start_broker() {
+    case "$1" in
+        tern) taskset -c "$BROKER_CPU" target/release/tern -p "$PORT" --workers 1 2>/dev/null & ;;
+        mosquitto) taskset -c "$BROKER_CPU" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
+    esac
+    BPID=$!
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "$1 did not start" >&2
+    exit 1
+}
+
+stop_broker() {
+    kill "$BPID" 2>/dev/null || true
+    wait "$BPID" 2>/dev/null || true
+    BPID=
+}
+
+SCENARIOS=(
+    "fanout --subscribers 100 --qos 0"
+    "fanin --publishers 4 --qos 0"
+    "pairs --pairs 50 --qos 1"
+    "latency --qos 1 --rate 20000"
+    "conns --connections $CONNS --procs 2"
+)
+
+for rep in $(seq 1 "$REPS"); do
+    for scenario in "${SCENARIOS[@]}"; do
+        for broker in tern mosquitto; do
+            echo "== run $rep/$REPS: $broker $scenario"
+            start_broker "$broker"
+            # shellcheck disable=SC2086
+            timeout 120 taskset -c "$LOAD_CPU" "$LT" run $scenario --port "$PORT" --duration "$DURATION" \
+                --broker-pid "$BPID" --label "$broker" --json "$RESULTS" | grep -v '^{' || echo "   (run failed: $broker $scenario)"
+            stop_broker
+        done
+    done
+done
+
+"$LT" summarize --input "$RESULTS" --out "$WORK/table.md"
+"$LT" plot --input "$RESULTS" --out-dir "$OUT"
+{
+    echo "# tern vs mosquitto"
+    echo
+    echo "Made by \`perf/compare.sh\` (REPS=$REPS, DURATION=$DURATION s) on $(date -u +%Y-%m-%d):"
+    echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), tern $(git rev-parse --short HEAD 2>/dev/null || echo '?'),"
+    echo "$(mosquitto -h 2>/dev/null | head -1). Broker pinned to CPU $BROKER_CPU (tern with 1 worker),"
+    echo "load generator pinned to CPU $LOAD_CPU, 64-byte payloads, MQTT 3.1.1. Figures are medians over the runs."
+    echo
+    cat "$WORK/table.md"
+    echo
+    echo "![throughput](throughput.svg)"
+    echo
+    echo "![latency](latency.svg)"
+} > "$OUT/REPORT.md"
+echo "report: $OUT/REPORT.md"
