@@ -49,6 +49,11 @@ impl Shared {
     pub fn home_of(&self, client_id: &str) -> usize {
         (self.hasher.hash_one(client_id) % self.workers as u64) as usize
     }
+
+    /// The worker that keeps a shared subscription group's members and picks who gets a message.
+    pub fn home_of_group(&self, group: &str, filter: &str) -> usize {
+        (self.hasher.hash_one((group, filter)) % self.workers as u64) as usize
+    }
 }
 
 /// Capacity of each worker-to-worker ring.

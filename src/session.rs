@@ -17,22 +17,58 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// 5.0 properties as published, minus the topic alias (passed through untouched otherwise).
     pub properties: Option<Box<Properties>>,
     /// The publishing session, for 5.0 no-local: (worker, session key).
     pub origin: Option<(u16, u32)>,
+    /// From the 5.0 message expiry interval: not delivered after this [MQTT-3.3.2-5].
+    pub expires_at: Option<Instant>,
 }
 
 impl Message {
     pub fn from_will(will: &Will, origin: Option<(u16, u32)>) -> Message {
+        let mut properties = will.properties.clone();
+        properties.will_delay_interval = None; // a will property, not a PUBLISH one
+        let expires_at =
+            properties.message_expiry_interval.map(|s| Instant::now() + std::time::Duration::from_secs(s as u64));
         Message {
             topic: will.topic.clone(),
             payload: will.payload.clone(),
             qos: will.qos,
             retain: will.retain,
-            properties: (!will.properties.is_empty()).then(|| Box::new(will.properties.clone())),
+            properties: (!properties.is_empty()).then(|| Box::new(properties)),
             origin,
+            expires_at,
         }
     }
+
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// One subscription: its options and, in 5.0, its subscription identifier (0 = none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Subscription {
+    pub options: SubscriptionOptions,
+    pub identifier: u32,
+}
+
+/// The shared subscription a delivery came through: `$share/{group}/{filter}`.
+pub type GroupKey = (MqttStr, MqttStr);
+
+/// A message as one session receives it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    /// Whether the retain flag goes out set (retained on subscribe, or retain-as-published).
+    pub retain: bool,
+    /// 5.0 subscription identifiers of every matching subscription [MQTT-3.3.4-3].
+    pub sub_ids: Vec<u32>,
+    /// Set when it came through a shared subscription: if the session goes away before it is
+    /// acknowledged, it goes to another member of the group.
+    pub group: Option<Box<GroupKey>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +84,12 @@ pub enum OutState {
 #[derive(Debug)]
 pub struct Inflight {
     pub packet_id: PacketId,
-    pub qos: QoS,
     pub state: OutState,
-    pub msg: Arc<Message>,
-    pub retain: bool,
+    pub delivery: Delivery,
 }
+
+/// "Never expires" in 5.0, and what a 3.1.1 persistent session gets.
+pub const NEVER: u32 = u32::MAX;
 
 #[derive(Debug)]
 pub struct Session {
@@ -60,36 +97,43 @@ pub struct Session {
     /// Slab key of the connection attached now, if any.
     pub conn: Option<usize>,
     pub version: ProtocolVersion,
-    /// 3.1.1 clean session: the session ends with the connection.
-    pub clean: bool,
-    pub subscriptions: HashMap<MqttStr, SubscriptionOptions>,
-    /// Outgoing QoS 1/2 messages not yet completed, oldest first; at most the inflight window.
+    /// Seconds the session outlives its connection: 0 ends it with the connection (3.1.1 clean
+    /// session), `NEVER` keeps it (3.1.1 persistent session).
+    pub expiry_interval: u32,
+    pub subscriptions: HashMap<MqttStr, Subscription>,
+    /// Outgoing QoS 1/2 messages not yet completed, oldest first; at most `send_window`.
     pub inflight: VecDeque<Inflight>,
-    /// QoS 1/2 messages waiting for room in the inflight window (or for the client to return), with
-    /// the QoS to deliver them at and whether the retain flag goes out set; at most
+    /// QoS 1/2 messages waiting for room in the window (or for the client to return); at most
     /// `max_queued_messages`.
-    pub queue: VecDeque<(Arc<Message>, QoS, bool)>,
+    pub queue: VecDeque<Delivery>,
+    /// Unacknowledged QoS 1/2 messages we may have out: the lower of our `max_inflight_messages`
+    /// and the client's 5.0 receive maximum [MQTT-3.3.4-9].
+    pub send_window: usize,
     next_packet_id: u16,
     /// QoS 2 packet ids received and not yet released [MQTT-4.3.3-2]: a duplicate PUBLISH with one
-    /// of these is acknowledged but not delivered again. Bounded by the 65,535 possible ids.
+    /// of these is acknowledged but not delivered again. Bounded by the receive maximum.
     pub incoming_qos2: HashSet<u16>,
-    pub will: Option<Will>,
+    pub will: Option<Box<Will>>,
+    /// A will waiting out its 5.0 will delay interval after an abnormal disconnect.
+    pub pending_will: Option<(Instant, Box<Will>)>,
     pub disconnected_at: Option<Instant>,
 }
 
 impl Session {
-    pub fn new(client_id: MqttStr, version: ProtocolVersion, clean: bool) -> Session {
+    pub fn new(client_id: MqttStr, version: ProtocolVersion) -> Session {
         Session {
             client_id,
             conn: None,
             version,
-            clean,
+            expiry_interval: 0,
             subscriptions: HashMap::default(),
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            send_window: 20,
             next_packet_id: 0,
             incoming_qos2: HashSet::default(),
             will: None,
+            pending_will: None,
             disconnected_at: None,
         }
     }
@@ -107,5 +151,11 @@ impl Session {
 
     pub fn inflight_position(&self, id: PacketId) -> Option<usize> {
         self.inflight.iter().position(|i| i.packet_id == id)
+    }
+
+    /// When the session ends if nobody reconnects, if ever.
+    pub fn expires_at(&self) -> Option<Instant> {
+        let at = self.disconnected_at?;
+        (self.expiry_interval != NEVER).then(|| at + std::time::Duration::from_secs(self.expiry_interval as u64))
     }
 }

@@ -199,7 +199,11 @@ fn stalled_subscriber_does_not_grow_memory_or_starve_others() {
             std::thread::yield_now();
         }
         if i % 200 == 0 && std::env::var("TERN_TRACE_RSS").is_ok() {
-            eprintln!("{i}: rss {} KiB, received {}", status_kb(child.id(), "VmRSS:"), received.load(Ordering::Relaxed));
+            eprintln!(
+                "{i}: rss {} KiB, received {}",
+                status_kb(child.id(), "VmRSS:"),
+                received.load(Ordering::Relaxed)
+            );
         }
         let mut p = payload.to_vec();
         p[..4].copy_from_slice(&(i as u32).to_be_bytes());

@@ -113,7 +113,20 @@ fn mosquitto_pub_and_sub_work_against_tern() {
         watcher.subscribe("mq/#", tern::codec::QoS::ExactlyOnce);
         for (qos, version) in [("0", "mqttv311"), ("1", "mqttv31"), ("2", "mqttv5")] {
             let st = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port, "-t", &format!("mq/{qos}"), "-m", "hello", "-q", qos, "-V", version])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-t",
+                    &format!("mq/{qos}"),
+                    "-m",
+                    "hello",
+                    "-q",
+                    qos,
+                    "-V",
+                    version,
+                ])
                 .status()
                 .unwrap();
             assert!(st.success(), "mosquitto_pub -q {qos} -V {version}");

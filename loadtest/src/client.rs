@@ -17,9 +17,15 @@ const READ_BUF: usize = 256 * 1024;
 const WRITE_HIGH: usize = 64 * 1024;
 
 enum Role {
-    Publisher { index: usize, topic: String },
+    Publisher {
+        index: usize,
+        topic: String,
+    },
     /// `next_seq[p]`: the sequence number expected next from publisher p.
-    Subscriber { filter: String, next_seq: Vec<u64> },
+    Subscriber {
+        filter: String,
+        next_seq: Vec<u64>,
+    },
     Idle,
 }
 
@@ -123,7 +129,10 @@ fn plan(args: &RunArgs) -> (Vec<String>, Vec<(String, Vec<usize>)>) {
         }
         Scenario::Pairs => {
             let n = args.pairs;
-            ((0..n).map(|i| format!("lt/pair/{i}")).collect(), (0..n).map(|i| (format!("lt/pair/{i}"), vec![i])).collect())
+            (
+                (0..n).map(|i| format!("lt/pair/{i}")).collect(),
+                (0..n).map(|i| (format!("lt/pair/{i}"), vec![i])).collect(),
+            )
         }
         Scenario::Conns => (vec![], vec![]),
     }
@@ -144,12 +153,14 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let run_id = std::process::id();
     for (i, (filter, _)) in subs.iter().enumerate() {
         let role = Role::Subscriber { filter: filter.clone(), next_seq: vec![0; npub] };
-        clients.push(Client::open(addr, role, &format!("lt-{run_id}-s{i}"), &args, READ_BUF).map_err(|e| e.to_string())?);
+        clients
+            .push(Client::open(addr, role, &format!("lt-{run_id}-s{i}"), &args, READ_BUF).map_err(|e| e.to_string())?);
     }
     let first_pub = clients.len();
     for (i, topic) in pub_topics.iter().enumerate() {
         let role = Role::Publisher { index: i, topic: topic.clone() };
-        clients.push(Client::open(addr, role, &format!("lt-{run_id}-p{i}"), &args, 64 * 1024).map_err(|e| e.to_string())?);
+        clients
+            .push(Client::open(addr, role, &format!("lt-{run_id}-p{i}"), &args, 64 * 1024).map_err(|e| e.to_string())?);
     }
     for (i, c) in clients.iter_mut().enumerate() {
         poll.registry()
@@ -190,11 +201,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         if publishing {
             for c in clients[first_pub..].iter_mut() {
                 let Role::Publisher { index, ref topic } = c.role else { continue };
-                let due = if rate > 0.0 {
-                    ((now - t0).as_secs_f64() * per_pub_rate) as u64 + 1
-                } else {
-                    u64::MAX
-                };
+                let due = if rate > 0.0 { ((now - t0).as_secs_f64() * per_pub_rate) as u64 + 1 } else { u64::MAX };
                 while c.seq < due
                     && (args.count == 0 || c.seq < args.count)
                     && c.pending() < WRITE_HIGH
@@ -202,11 +209,8 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                 {
                     // Latency counts from when the message was due, not when it went out:
                     // a stalled broker cannot hide its stall (no coordinated omission).
-                    let stamp = if rate > 0.0 {
-                        t0 + Duration::from_secs_f64(c.seq as f64 / per_pub_rate)
-                    } else {
-                        now
-                    };
+                    let stamp =
+                        if rate > 0.0 { t0 + Duration::from_secs_f64(c.seq as f64 / per_pub_rate) } else { now };
                     payload[..8].copy_from_slice(&((stamp - tally.base).as_nanos() as u64).to_le_bytes());
                     payload[8..16].copy_from_slice(&c.seq.to_le_bytes());
                     payload[16..20].copy_from_slice(&(index as u32).to_le_bytes());
@@ -278,7 +282,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     };
     report::emit(&outcome, args.json.as_deref())?;
     if args.qos > 0 && (outcome.lost > 0 || outcome.duplicates > 0) {
-        return Err(format!("QoS {} run lost {} and duplicated {} messages", args.qos, outcome.lost, outcome.duplicates));
+        return Err(format!(
+            "QoS {} run lost {} and duplicated {} messages",
+            args.qos, outcome.lost, outcome.duplicates
+        ));
     }
     Ok(())
 }

@@ -18,9 +18,8 @@ pub fn plot(input: &Path, out_dir: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(input).map_err(|e| format!("{}: {e}", input.display()))?;
     let rows: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     std::fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
-    let key = |r: &serde_json::Value| {
-        format!("{} q{}", r["scenario"].as_str().unwrap_or(""), r["qos"].as_u64().unwrap_or(0))
-    };
+    let key =
+        |r: &serde_json::Value| format!("{} q{}", r["scenario"].as_str().unwrap_or(""), r["qos"].as_u64().unwrap_or(0));
     let mut labels: Vec<String> = rows.iter().filter_map(|r| r["label"].as_str().map(String::from)).collect();
     labels.sort();
     labels.dedup();
@@ -81,7 +80,12 @@ pub fn plot(input: &Path, out_dir: &Path) -> Result<(), String> {
                 .label(label.clone())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| e.to_string())?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
     }
 
@@ -132,7 +136,12 @@ pub fn plot(input: &Path, out_dir: &Path) -> Result<(), String> {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
             chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(|e| e.to_string())?;
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| e.to_string())?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
     }
     println!("charts written to {}", out_dir.display());
@@ -166,16 +175,28 @@ pub fn summarize(input: &Path, out: &Path, first: &str, second: &str) -> Result<
         _ => "-".into(),
     };
     let mut md = String::new();
-    md.push_str(&format!(
-        "| scenario | figure | {first} | {second} | {first}/{second} |\n|---|---|---:|---:|---:|\n"
-    ));
+    md.push_str(&format!("| scenario | figure | {first} | {second} | {first}/{second} |\n|---|---|---:|---:|---:|\n"));
     for k in &keys {
         let figures: &[(&str, &str, usize)] = if k.starts_with("conns") {
-            &[("connections", "connections held", 0), ("connect_rate", "connects/s", 0), ("rss_per_connection", "broker RSS per connection (bytes)", 0)]
+            &[
+                ("connections", "connections held", 0),
+                ("connect_rate", "connects/s", 0),
+                ("rss_per_connection", "broker RSS per connection (bytes)", 0),
+            ]
         } else if k.starts_with("latency") {
-            &[("p50_us", "p50 latency (µs)", 1), ("p99_us", "p99 latency (µs)", 1), ("p999_us", "p99.9 latency (µs)", 1), ("cpu_s_per_million", "broker CPU-s per million delivered", 2)]
+            &[
+                ("p50_us", "p50 latency (µs)", 1),
+                ("p99_us", "p99 latency (µs)", 1),
+                ("p999_us", "p99.9 latency (µs)", 1),
+                ("cpu_s_per_million", "broker CPU-s per million delivered", 2),
+            ]
         } else {
-            &[("throughput", "delivered msg/s", 0), ("cpu_s_per_million", "broker CPU-s per million delivered", 3), ("lost", "lost (QoS 0 drops)", 0), ("p99_us", "p99 latency (µs)", 0)]
+            &[
+                ("throughput", "delivered msg/s", 0),
+                ("cpu_s_per_million", "broker CPU-s per million delivered", 3),
+                ("lost", "lost (QoS 0 drops)", 0),
+                ("p99_us", "p99 latency (µs)", 0),
+            ]
         };
         for (field, name, digits) in figures {
             let a = med(k, first, field);

@@ -63,8 +63,7 @@ pub fn emit(o: &Outcome, file: Option<&Path>) -> Result<(), String> {
         put("rss_per_connection", o.rss_per_connection.into());
     } else {
         let h = o.hist.as_ref().expect("throughput runs record latency");
-        let cpu_per_m =
-            o.broker_cpu_s.map(|c| if o.received > 0 { c / (o.received as f64 / 1e6) } else { f64::NAN });
+        let cpu_per_m = o.broker_cpu_s.map(|c| if o.received > 0 { c / (o.received as f64 / 1e6) } else { f64::NAN });
         println!(
             "scenario {} | broker {} | MQTT {} QoS {} | {} B | {} pub -> {} sub | offered {}",
             o.scenario,

@@ -126,6 +126,29 @@ impl<K: PartialEq + Copy, V> SubTrie<K, V> {
         list.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
+    /// How many subscribers `filter` has, exactly as written.
+    pub fn count_at(&self, filter: &str) -> usize {
+        let mut node = &self.root;
+        let mut rest = Some(filter);
+        let list = loop {
+            let Some(r) = rest else { break &node.subs };
+            let (level, next) = split(r);
+            node = match level {
+                "#" => break &node.multi,
+                "+" => match node.plus.as_deref() {
+                    Some(n) => n,
+                    None => return 0,
+                },
+                _ => match node.children.get(level) {
+                    Some(n) => n,
+                    None => return 0,
+                },
+            };
+            rest = next;
+        };
+        list.len()
+    }
+
     /// Calls `f` for every subscription whose filter matches `topic`. A subscriber with several
     /// matching filters is reported once per filter, so the caller can merge them (one delivery at
     /// the highest QoS, every subscription identifier).

@@ -25,10 +25,10 @@ use slab::Slab;
 use crate::broker::Shared;
 use crate::codec::{
     decode, next_frame, packet_type, parse_fixed_header, Connect, DecodeError, Disconnect, MqttStr, Packet,
-    ProtocolVersion, PublishRef, ReasonCode, SubscriptionOptions,
+    ProtocolVersion, PublishRef, ReasonCode,
 };
 use crate::ring::{Consumer, Producer, Pushed};
-use crate::session::{Message, Session};
+use crate::session::{Delivery, GroupKey, Message, Session, Subscription};
 use crate::topic::SubTrie;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -42,6 +42,8 @@ const READS_PER_TURN: usize = 16;
 const TICK: Duration = Duration::from_millis(250);
 /// Messages a worker holds for a peer whose ring is full, before it drops (and counts) them.
 const OVERFLOW_LIMIT: usize = 256 * 1024;
+/// Topic aliases a 5.0 client may use towards us (advertised in CONNACK).
+pub const TOPIC_ALIAS_MAXIMUM: u16 = 32;
 
 /// What one worker sends another.
 pub enum Mail {
@@ -50,6 +52,32 @@ pub enum Mail {
     /// A connection whose client id lives on the receiving worker, with its parsed CONNECT and the
     /// bytes read after it.
     Handover(Box<Handover>),
+    /// To a shared group's home worker: a session joins the group.
+    SharedJoin { key: Box<GroupKey>, member: Member },
+    /// To a shared group's home worker: a session leaves the group.
+    SharedLeave { key: Box<GroupKey>, worker: u16, session: u32 },
+    /// From a shared group's home worker: deliver this to the chosen member.
+    SharedDeliver { session: u32, delivery: Delivery },
+    /// To a shared group's home worker: a member went away without acknowledging this.
+    SharedRedeliver { key: Box<GroupKey>, msg: Arc<Message> },
+    /// The sender gained its first (or lost its last) subscriber of `filter`.
+    Interest { filter: MqttStr, worker: u16, present: bool },
+}
+
+/// A member of a shared subscription group: a session on some worker.
+#[derive(Clone, Copy, Debug)]
+pub struct Member {
+    worker: u16,
+    session: u32,
+    sub: Subscription,
+}
+
+/// A `$share/{name}/{filter}` group, kept on its home worker.
+pub struct SharedGroup {
+    name: MqttStr,
+    filter: MqttStr,
+    members: Vec<Member>,
+    cursor: usize,
 }
 
 pub struct Handover {
@@ -85,6 +113,10 @@ pub struct Conn {
     max_packet_out: usize,
     /// Close once the output buffer is written.
     close_after_flush: bool,
+    /// Inbound 5.0 topic aliases: alias n is `aliases[n - 1]`.
+    aliases: Vec<Option<MqttStr>>,
+    /// The 5.0 client wants reason strings (request problem information).
+    problem_info: bool,
 }
 
 /// Why a connection ends: decides whether its will is published.
@@ -119,7 +151,13 @@ pub struct Worker {
     next_uid: u64,
     sessions: Slab<Session>,
     by_client: HashMap<MqttStr, usize>,
-    subs: SubTrie<u32, SubscriptionOptions>,
+    subs: SubTrie<u32, Subscription>,
+    /// Filters other workers have subscribers for (only for the 5.0 "no matching subscribers" hint).
+    interest: SubTrie<u16, ()>,
+    /// Shared subscription groups homed here, and their filters.
+    groups: Slab<SharedGroup>,
+    group_index: HashMap<GroupKey, usize>,
+    shared_trie: SubTrie<u32, ()>,
     retained: HashMap<MqttStr, Arc<Message>>,
     outbox: Vec<Option<Producer<Mail>>>,
     inbox: Vec<Option<Consumer<Mail>>>,
@@ -130,7 +168,7 @@ pub struct Worker {
     read_buf: BytesMut,
     counters: Counters,
     /// Scratch for one publish's matching subscriptions.
-    matches: Vec<(u32, SubscriptionOptions)>,
+    matches: Vec<(u32, Subscription)>,
     /// Scratch for a QoS 0 packet encoded once and copied to every subscriber of one version.
     encoded: BytesMut,
     next_tick: Instant,
@@ -159,6 +197,10 @@ impl Worker {
             sessions: Slab::new(),
             by_client: HashMap::default(),
             subs: SubTrie::new(),
+            interest: SubTrie::new(),
+            groups: Slab::new(),
+            group_index: HashMap::default(),
+            shared_trie: SubTrie::new(),
             retained: HashMap::default(),
             outbox,
             inbox,
@@ -189,11 +231,8 @@ impl Worker {
             // a producer wakes us only on empty-to-non-empty, so look before sleeping.
             let mail_waiting = self.inbox.iter().flatten().any(|c| !c.is_empty());
             let idle = self.more_to_read.is_empty() && self.overflow.iter().all(|o| o.is_empty());
-            let timeout = if idle && !mail_waiting {
-                self.next_tick.saturating_duration_since(now)
-            } else {
-                Duration::ZERO
-            };
+            let timeout =
+                if idle && !mail_waiting { self.next_tick.saturating_duration_since(now) } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -268,6 +307,8 @@ impl Worker {
                         over_limit,
                         max_packet_out: usize::MAX,
                         close_after_flush: false,
+                        aliases: Vec::new(),
+                        problem_info: true,
                     });
                     log::debug!("worker {}: connection {k} from {peer}", self.id);
                 }
@@ -413,16 +454,14 @@ impl Worker {
     fn protocol_error(&mut self, k: usize, e: &DecodeError) {
         let c = &mut self.conns[k];
         log::info!("closing connection from {}: {e}", c.peer);
-        if let Some(ProtocolVersion::V5) = c.version {
-            Packet::Disconnect(Box::new(Disconnect::new(e.reason_code()))).encode(ProtocolVersion::V5, &mut c.wbuf);
-        } else if c.version.is_none() && e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+        if c.version.is_none() && e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
             // [MQTT-3.1.2-2]: answer an unsupported level with CONNACK 0x01 and close. The level is
             // unknown, so the answer takes the 3.1.1 form, as other brokers do.
             let code = crate::codec::ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION;
             Packet::ConnAck(Box::new(crate::codec::ConnAck { code, ..Default::default() }))
                 .encode(ProtocolVersion::V311, &mut c.wbuf);
         }
-        self.close(k, CloseKind::Abnormal);
+        self.disconnect_with(k, e.reason_code(), &e.to_string());
     }
 
     fn mark_dirty(dirty: &mut Vec<usize>, c: &mut Conn, k: usize) {
@@ -514,25 +553,49 @@ impl Worker {
             return;
         }
         s.conn = None;
-        s.disconnected_at = Some(Instant::now());
+        let now = Instant::now();
+        s.disconnected_at = Some(now);
         let will = s.will.take();
+        let expiry = s.expiry_interval;
         if kind != CloseKind::Normal {
             if let Some(w) = will {
-                let msg = Arc::new(Message::from_will(&w, Some((self.id as u16, sk as u32))));
-                self.route(msg);
+                // 5.0 will delay: held until the delay or the session ends, whichever is first,
+                // and dropped if the session is resumed before [MQTT-3.1.3-9].
+                let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
+                if delay > 0 {
+                    s.pending_will = Some((now + Duration::from_secs(delay as u64), w));
+                } else {
+                    self.publish_will(sk, &w);
+                }
             }
         }
-        if self.sessions[sk].clean {
+        if expiry == 0 {
             self.end_session(sk);
         }
     }
 
+    /// Ends a session: its subscriptions go, its pending will goes out, and QoS 1/2 messages it
+    /// received through a shared subscription and never acknowledged go to another member.
     fn end_session(&mut self, sk: usize) {
-        let s = self.sessions.remove(sk);
-        for filter in s.subscriptions.keys() {
-            self.subs.remove(filter, &(sk as u32));
-        }
+        let mut s = self.sessions.remove(sk);
         self.by_client.remove(&s.client_id);
+        for filter in s.subscriptions.keys() {
+            self.drop_subscription(sk, filter);
+        }
+        if let Some((_, w)) = s.pending_will.take() {
+            self.publish_will(sk, &w);
+        }
+        let unacked = s
+            .inflight
+            .into_iter()
+            .filter(|i| i.state != crate::session::OutState::AwaitComp)
+            .map(|i| i.delivery)
+            .chain(s.queue);
+        for d in unacked {
+            if let Some(g) = d.group {
+                self.redeliver_shared(*g, d.msg);
+            }
+        }
     }
 
     /// Moves a connection to the worker that is home to its client id.
@@ -571,6 +634,8 @@ impl Worker {
             over_limit: false,
             max_packet_out: usize::MAX,
             close_after_flush: false,
+            aliases: Vec::new(),
+            problem_info: true,
         });
         self.attach(k, connect, assigned_id);
         if self.alive(k, uid) && !rest.is_empty() {
@@ -650,6 +715,17 @@ impl Worker {
                         self.deliver_local(&msg);
                     }
                     Mail::Handover(h) => self.take_handover(*h),
+                    Mail::SharedJoin { key, member } => self.apply_join(*key, member),
+                    Mail::SharedLeave { key, worker, session } => self.apply_leave(&key, worker, session),
+                    Mail::SharedDeliver { session, delivery } => self.deliver_one(session as usize, delivery),
+                    Mail::SharedRedeliver { key, msg } => self.redeliver_shared(*key, msg),
+                    Mail::Interest { filter, worker, present } => {
+                        if present {
+                            let _ = self.interest.insert(&filter, worker, ());
+                        } else {
+                            self.interest.remove(&filter, &worker);
+                        }
+                    }
                 }
             }
         }
@@ -678,6 +754,23 @@ impl Worker {
                 self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::KEEP_ALIVE_TIMEOUT))));
             }
             self.close(k, kind);
+        }
+        // Delayed wills that are due, and sessions whose expiry interval has run out.
+        let mut due = Vec::new();
+        for (sk, s) in self.sessions.iter() {
+            let will_due = s.pending_will.as_ref().is_some_and(|(at, _)| *at <= now);
+            let expired = s.conn.is_none() && s.expires_at().is_some_and(|at| at <= now);
+            if will_due || expired {
+                due.push((sk, expired));
+            }
+        }
+        for (sk, expired) in due {
+            if let Some((_, w)) = self.sessions[sk].pending_will.take() {
+                self.publish_will(sk, &w);
+            }
+            if expired {
+                self.end_session(sk);
+            }
         }
         self.publish_stats();
         if self.id == 0 && self.shared.config.sys_interval > 0 && now >= self.next_sys {

@@ -1,18 +1,20 @@
 //! What each packet means to the broker: CONNECT and sessions, PUBLISH routing and the QoS 1/2
-//! flows, SUBSCRIBE with retained messages, and `$SYS`. Works on the worker's state; never
-//! touches a socket (output goes into connection buffers) or a byte layout (the codec does that).
+//! flows, SUBSCRIBE with retained messages and shared subscriptions, and `$SYS`. Works on the
+//! worker's state; never touches a socket (output goes into connection buffers) or a byte layout
+//! (the codec does that).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{CloseKind, Conn, Mail, Worker};
+use super::{CloseKind, Conn, Mail, Worker, TOPIC_ALIAS_MAXIMUM};
 use crate::codec::{
-    Ack, ConnAck, Connect, ConnectReturnCode, Disconnect, MqttStr, Packet, ProtocolVersion, PublishHeader, PublishRef,
-    QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    Ack, ConnAck, Connect, ConnectReturnCode, Disconnect, MqttStr, Packet, Properties, ProtocolVersion, PublishHeader,
+    PublishRef, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use crate::session::{Inflight, Message, OutState, Session};
+use crate::session::{Delivery, GroupKey, Inflight, Message, OutState, Session, Subscription, NEVER};
 use crate::topic::{self, filter_matches};
 
 /// A message being routed, borrowed from wherever it is: the read buffer or a shared `Message`.
@@ -21,8 +23,9 @@ struct View<'a> {
     payload: &'a [u8],
     qos: QoS,
     retain: bool,
-    properties: Option<&'a crate::codec::Properties>,
+    properties: Option<&'a Properties>,
     origin: Option<(u16, u32)>,
+    expires_at: Option<Instant>,
 }
 
 impl View<'_> {
@@ -34,6 +37,7 @@ impl View<'_> {
             retain: self.retain,
             properties: self.properties.map(|p| Box::new(p.clone())),
             origin: self.origin,
+            expires_at: self.expires_at,
         })
     }
 }
@@ -46,7 +50,22 @@ fn view(m: &Message) -> View<'_> {
         retain: m.retain,
         properties: m.properties.as_deref(),
         origin: m.origin,
+        expires_at: m.expires_at,
     }
+}
+
+/// The properties a 5.0 subscriber gets when they differ from the published ones: its
+/// subscription identifiers [MQTT-3.3.4-3] and the remaining expiry interval [MQTT-3.3.2-6].
+fn custom_properties(base: Option<&Properties>, expires_at: Option<Instant>, ids: &[u32]) -> Option<Properties> {
+    if ids.is_empty() && expires_at.is_none() {
+        return None;
+    }
+    let mut p = base.cloned().unwrap_or_default();
+    p.subscription_identifiers = ids.to_vec();
+    if let Some(at) = expires_at {
+        p.message_expiry_interval = Some(at.saturating_duration_since(Instant::now()).as_secs() as u32);
+    }
+    Some(p)
 }
 
 /// Encodes a PUBLISH into a connection's output buffer, unless it exceeds the client's maximum
@@ -60,6 +79,14 @@ fn write_publish(c: &mut Conn, v: ProtocolVersion, header: &PublishHeader, paylo
     true
 }
 
+fn failure(v: ProtocolVersion, v5: ReasonCode) -> ReasonCode {
+    if v.is_v5() {
+        v5
+    } else {
+        ReasonCode::SUBACK_FAILURE
+    }
+}
+
 impl Worker {
     /// Handles CONNECT on the worker the connection landed on. Returns the CONNECT back when the
     /// client id lives on another worker, for the caller to hand the connection over.
@@ -67,16 +94,20 @@ impl Worker {
         let c = &mut self.conns[k];
         if c.version.is_some() {
             log::info!("closing connection from {}: second CONNECT [MQTT-3.1.0-2]", c.peer);
-            self.close(k, CloseKind::Abnormal);
+            self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "second CONNECT [MQTT-3.1.0-2]");
             return None;
         }
         let v = connect.protocol;
         c.version = Some(v);
+        c.problem_info = connect.properties.request_problem_information != Some(0);
         let refuse = |w: &mut Worker, v3: ReasonCode, v5: ReasonCode, why: &str| {
             let c = &mut w.conns[k];
             log::info!("refusing CONNECT from {}: {why}", c.peer);
-            let code = if v.is_v5() { v5 } else { v3 };
-            Packet::ConnAck(Box::new(ConnAck { code, ..Default::default() })).encode(v, &mut c.wbuf);
+            let mut ack = ConnAck { code: if v.is_v5() { v5 } else { v3 }, ..Default::default() };
+            if v.is_v5() && c.problem_info {
+                ack.properties.reason_string = Some(MqttStr::from(why));
+            }
+            Packet::ConnAck(Box::new(ack)).encode(v, &mut c.wbuf);
             c.close_after_flush = true;
             super::Worker::mark_dirty(&mut w.dirty, c, k);
         };
@@ -129,39 +160,52 @@ impl Worker {
         if let Some(&sk) = self.by_client.get(&client_id) {
             if let Some(old) = self.sessions[sk].conn {
                 log::info!("client {client_id} taken over by {}", self.conns[k].peer);
-                if self.conns[old].version == Some(ProtocolVersion::V5) {
-                    self.send(old, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER))));
-                }
-                self.close(old, CloseKind::TakenOver);
+                self.disconnect_with(old, ReasonCode::SESSION_TAKEN_OVER, "another connection took this client id");
             }
         }
-        let ends_with_connection =
-            if v.is_v5() { connect.properties.session_expiry_interval.unwrap_or(0) == 0 } else { connect.clean_start };
+        let expiry = if v.is_v5() {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            NEVER
+        };
         let existing = self.by_client.get(&client_id).copied();
         let (sk, present) = match existing {
             Some(sk) if !connect.clean_start => (sk, true),
             Some(sk) => {
+                // The old session ends now: a will still waiting on its delay goes out [MQTT-3.1.3-9].
+                if let Some((_, w)) = self.sessions[sk].pending_will.take() {
+                    self.publish_will(sk, &w);
+                }
                 self.end_session(sk);
                 (self.new_session(client_id.clone(), v), false)
             }
             None => (self.new_session(client_id.clone(), v), false),
         };
+        let max_inflight = self.shared.config.max_inflight_messages as usize;
         let s = &mut self.sessions[sk];
         s.conn = Some(k);
         s.version = v;
-        s.clean = ends_with_connection;
+        s.expiry_interval = expiry;
         s.disconnected_at = None;
-        s.will = connect.will.as_ref().map(|w| crate::codec::Will {
-            topic: MqttStr::from(w.topic.as_str()),
-            payload: Bytes::copy_from_slice(&w.payload),
-            qos: w.qos,
-            retain: w.retain,
-            properties: w.properties.clone(),
+        // Resumed in time: the delayed will is not sent [MQTT-3.1.3-9].
+        s.pending_will = None;
+        s.send_window = max_inflight.min(connect.properties.receive_maximum.map_or(usize::MAX, |r| r as usize));
+        s.will = connect.will.as_ref().map(|w| {
+            Box::new(Will {
+                topic: MqttStr::from(w.topic.as_str()),
+                payload: Bytes::copy_from_slice(&w.payload),
+                qos: w.qos,
+                retain: w.retain,
+                properties: w.properties.clone(),
+            })
         });
         let c = &mut self.conns[k];
         c.version = Some(v);
         c.session = Some(sk);
         c.keep_alive = connect.keep_alive;
+        c.aliases.clear();
         if let Some(max) = connect.properties.maximum_packet_size {
             c.max_packet_out = max as usize;
         }
@@ -173,15 +217,18 @@ impl Worker {
             }
             p.receive_maximum = Some(self.shared.config.max_inflight_messages);
             p.maximum_packet_size = Some(self.shared.config.max_packet_size);
-            p.topic_alias_maximum = Some(0);
+            p.topic_alias_maximum = Some(TOPIC_ALIAS_MAXIMUM);
             p.retain_available = Some(1);
             p.wildcard_subscription_available = Some(1);
             p.subscription_identifier_available = Some(1);
-            p.shared_subscription_available = Some(0);
+            p.shared_subscription_available = Some(1);
+            if connect.properties.request_response_information == Some(1) {
+                p.response_information = Some(MqttStr::from(format!("response/{client_id}")));
+            }
         }
         self.send(k, &Packet::ConnAck(Box::new(ack)));
-        let max_clients = self.shared.connections.load(Ordering::Relaxed) as u64;
-        self.shared.clients_maximum.fetch_max(max_clients, Ordering::Relaxed);
+        let now_connected = self.shared.connections.load(Ordering::Relaxed) as u64;
+        self.shared.clients_maximum.fetch_max(now_connected, Ordering::Relaxed);
         if present {
             self.resend_inflight(sk);
             self.pump(sk);
@@ -189,7 +236,7 @@ impl Worker {
     }
 
     fn new_session(&mut self, client_id: MqttStr, v: ProtocolVersion) -> usize {
-        let sk = self.sessions.insert(Session::new(client_id.clone(), v, true));
+        let sk = self.sessions.insert(Session::new(client_id.clone(), v));
         self.by_client.insert(client_id, sk);
         sk
     }
@@ -204,20 +251,41 @@ impl Worker {
         for i in &s.inflight {
             match i.state {
                 OutState::AwaitAck | OutState::AwaitRec => {
+                    let d = &i.delivery;
+                    let custom = if v.is_v5() {
+                        custom_properties(d.msg.properties.as_deref(), d.msg.expires_at, &d.sub_ids)
+                    } else {
+                        None
+                    };
                     let header = PublishHeader {
                         dup: true,
-                        qos: i.qos,
-                        retain: i.retain,
-                        topic: &i.msg.topic,
+                        qos: d.qos,
+                        retain: d.retain,
+                        topic: &d.msg.topic,
                         packet_id: Some(i.packet_id),
-                        properties: i.msg.properties.as_deref(),
+                        properties: custom.as_ref().or(d.msg.properties.as_deref()),
                     };
-                    write_publish(c, v, &header, &i.msg.payload);
+                    write_publish(c, v, &header, &d.msg.payload);
                 }
                 OutState::AwaitComp => Packet::PubRel(Ack::new(i.packet_id)).encode(v, &mut c.wbuf),
             }
         }
         Worker::mark_dirty(&mut self.dirty, c, ck);
+    }
+
+    /// Sends a 5.0 client a DISCONNECT with `code` (and the reason, if it wants problem
+    /// information), then closes the connection; its will is published.
+    pub(super) fn disconnect_with(&mut self, k: usize, code: ReasonCode, why: &str) {
+        let c = &mut self.conns[k];
+        if c.version == Some(ProtocolVersion::V5) {
+            let mut d = Disconnect::new(code);
+            if c.problem_info {
+                d.properties.reason_string = Some(MqttStr::from(why));
+            }
+            Packet::Disconnect(Box::new(d)).encode(ProtocolVersion::V5, &mut c.wbuf);
+        }
+        let kind = if code == ReasonCode::SESSION_TAKEN_OVER { CloseKind::TakenOver } else { CloseKind::Abnormal };
+        self.close(k, kind);
     }
 
     /// Every packet after CONNECT except PUBLISH (which takes the borrowed path).
@@ -227,18 +295,21 @@ impl Worker {
             self.close(k, CloseKind::NoSession);
             return;
         };
+        let v5 = self.sessions[sk].version.is_v5();
         match packet {
             Packet::PubAck(a) => {
-                if let Some(i) = self.sessions[sk].inflight_position(a.packet_id) {
-                    if self.sessions[sk].inflight[i].state == OutState::AwaitAck {
-                        self.sessions[sk].inflight.remove(i);
+                let s = &mut self.sessions[sk];
+                if let Some(i) = s.inflight_position(a.packet_id) {
+                    if s.inflight[i].state == OutState::AwaitAck {
+                        s.inflight.remove(i);
                         self.pump(sk);
                     }
                 }
             }
             Packet::PubRec(a) => {
                 let s = &mut self.sessions[sk];
-                if let Some(i) = s.inflight_position(a.packet_id) {
+                let known = s.inflight_position(a.packet_id);
+                if let Some(i) = known {
                     if a.reason.is_error() {
                         // 5.0: the receiver refused it; the flow ends here [MQTT-4.3.3-4].
                         s.inflight.remove(i);
@@ -247,11 +318,8 @@ impl Worker {
                     }
                     s.inflight[i].state = OutState::AwaitComp;
                 }
-                // A PUBREC for an unknown id still gets a PUBREL so the client can finish [MQTT-4.3.3].
                 let mut rel = Ack::new(a.packet_id);
-                if self.sessions[sk].inflight_position(a.packet_id).is_none()
-                    && self.conns[k].version == Some(ProtocolVersion::V5)
-                {
+                if known.is_none() && v5 {
                     rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
                 }
                 self.send(k, &Packet::PubRel(rel));
@@ -269,7 +337,7 @@ impl Worker {
                 // [MQTT-4.3.3-2]: release the id; the message was delivered on PUBLISH.
                 let known = self.sessions[sk].incoming_qos2.remove(&a.packet_id.get());
                 let mut comp = Ack::new(a.packet_id);
-                if !known && self.conns[k].version == Some(ProtocolVersion::V5) {
+                if !known && v5 {
                     comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
                 }
                 self.send(k, &Packet::PubComp(comp));
@@ -278,6 +346,14 @@ impl Worker {
             Packet::Unsubscribe(u) => self.on_unsubscribe(k, sk, *u),
             Packet::PingReq => self.send(k, &Packet::PingResp),
             Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if self.sessions[sk].expiry_interval == 0 && e != 0 {
+                        // [MQTT-3.14.2-2]
+                        self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0");
+                        return;
+                    }
+                    self.sessions[sk].expiry_interval = e;
+                }
                 // [MQTT-3.14.4-3]: a normal DISCONNECT discards the will; 5.0 reason 0x04 keeps it.
                 if d.reason == ReasonCode::DISCONNECT_WITH_WILL {
                     self.close(k, CloseKind::Abnormal);
@@ -287,19 +363,12 @@ impl Worker {
             }
             Packet::Auth(_) => {
                 log::info!("closing connection from {}: AUTH without an authentication method", self.conns[k].peer);
-                self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::PROTOCOL_ERROR))));
-                self.close(k, CloseKind::Abnormal);
+                self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "no authentication method is in use");
             }
             other => {
-                log::info!(
-                    "closing connection from {}: {} is not sent by clients [MQTT-4.8.0-1]",
-                    self.conns[k].peer,
-                    other.name()
-                );
-                if self.conns[k].version == Some(ProtocolVersion::V5) {
-                    self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::PROTOCOL_ERROR))));
-                }
-                self.close(k, CloseKind::Abnormal);
+                let why = format!("{} is not sent by clients", other.name());
+                log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, &why);
             }
         }
     }
@@ -307,51 +376,92 @@ impl Worker {
     /// A PUBLISH from a client, parsed in place.
     pub(super) fn on_publish(&mut self, k: usize, p: PublishRef<'_>) {
         let Some(sk) = self.conns[k].session else { return };
-        let v = self.sessions[sk].version;
+        let v5 = self.sessions[sk].version.is_v5();
+        let mut alias_topic: Option<MqttStr> = None;
+        let mut stripped: Option<Properties> = None;
         if let Some(props) = p.properties.as_deref() {
-            // We advertise a topic alias maximum of 0, and clients never send subscription ids.
-            let why = if props.topic_alias.is_some() {
-                Some((ReasonCode::TOPIC_ALIAS_INVALID, "topic alias above the maximum of 0 [MQTT-3.3.2-9]"))
-            } else if !props.subscription_identifiers.is_empty() {
-                Some((ReasonCode::PROTOCOL_ERROR, "subscription identifier from a client [MQTT-3.3.4-6]"))
-            } else {
-                None
-            };
-            if let Some((code, why)) = why {
+            if !props.subscription_identifiers.is_empty() {
+                let why = "subscription identifier from a client [MQTT-3.3.4-6]";
                 log::info!("closing connection from {}: {why}", self.conns[k].peer);
-                self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(code))));
-                self.close(k, CloseKind::Abnormal);
+                self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, why);
                 return;
             }
+            if let Some(alias) = props.topic_alias {
+                // [MQTT-3.3.2-8]/[MQTT-3.3.2-9]: 1 to our advertised maximum.
+                if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
+                    let why = "topic alias outside 1..topic alias maximum [MQTT-3.3.2-9]";
+                    log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                    self.disconnect_with(k, ReasonCode::TOPIC_ALIAS_INVALID, why);
+                    return;
+                }
+                let c = &mut self.conns[k];
+                let slot = alias as usize - 1;
+                if c.aliases.len() <= slot {
+                    c.aliases.resize(slot + 1, None);
+                }
+                if p.topic.is_empty() {
+                    match &c.aliases[slot] {
+                        Some(t) => alias_topic = Some(t.clone()),
+                        None => {
+                            let why = "unknown topic alias with an empty topic [MQTT-3.3.2-12]";
+                            log::info!("closing connection from {}: {why}", c.peer);
+                            self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, why);
+                            return;
+                        }
+                    }
+                } else {
+                    c.aliases[slot] = Some(MqttStr::from(p.topic));
+                }
+                let mut rest = props.clone();
+                rest.topic_alias = None; // an alias is per connection: never forwarded
+                stripped = Some(rest);
+            }
         }
+        let topic: &str = alias_topic.as_deref().unwrap_or(p.topic);
+        let properties = match &stripped {
+            Some(s) => (!s.is_empty()).then_some(s),
+            None => p.properties.as_deref(),
+        };
         self.counters.messages_received += 1;
-        if p.topic.starts_with("$SYS") {
-            // Clients do not publish into the broker's own statistics; acknowledge and drop.
-            self.ack_publish(k, &p, v);
-            return;
-        }
         let fresh = match (p.qos, p.packet_id) {
-            (QoS::ExactlyOnce, Some(id)) => self.sessions[sk].incoming_qos2.insert(id.get()),
+            (QoS::ExactlyOnce, Some(id)) => {
+                let s = &mut self.sessions[sk];
+                // 3.1.1 has no receive maximum: there the 65,535 packet ids bound the set.
+                if v5
+                    && !s.incoming_qos2.contains(&id.get())
+                    && s.incoming_qos2.len() >= self.shared.config.max_inflight_messages as usize
+                {
+                    // [MQTT-3.3.4-7]: more unacknowledged QoS 2 than our receive maximum.
+                    let why = "more QoS 2 messages in flight than the receive maximum";
+                    log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                    self.disconnect_with(k, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, why);
+                    return;
+                }
+                s.incoming_qos2.insert(id.get())
+            }
             _ => true,
         };
-        if fresh {
+        let mut matched = true;
+        if topic.starts_with("$SYS") {
+            // Clients do not publish into the broker's own statistics: acknowledged, dropped.
+        } else if fresh {
             let m = View {
-                topic: p.topic,
+                topic,
                 payload: p.payload,
                 qos: p.qos,
                 retain: p.retain,
-                properties: p.properties.as_deref(),
+                properties,
                 origin: Some((self.id as u16, sk as u32)),
+                expires_at: properties
+                    .and_then(|p| p.message_expiry_interval)
+                    .map(|s| Instant::now() + Duration::from_secs(s as u64)),
             };
-            self.route_view(&m);
+            matched = self.route_view(&m);
         }
-        self.ack_publish(k, &p, v);
-    }
-
-    fn ack_publish(&mut self, k: usize, p: &PublishRef<'_>, _v: ProtocolVersion) {
+        let reason = if v5 && !matched { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
         match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.send(k, &Packet::PubAck(Ack::new(id))),
-            (QoS::ExactlyOnce, Some(id)) => self.send(k, &Packet::PubRec(Ack::new(id))),
+            (QoS::AtLeastOnce, Some(id)) => self.send(k, &Packet::PubAck(Ack { reason, ..Ack::new(id) })),
+            (QoS::ExactlyOnce, Some(id)) => self.send(k, &Packet::PubRec(Ack { reason, ..Ack::new(id) })),
             _ => {}
         }
     }
@@ -370,9 +480,11 @@ impl Worker {
     }
 
     /// Routes a message borrowed from a read buffer, copying it into a shared `Message` only if
-    /// something must keep it (a peer worker, the retained store, a QoS 1/2 queue).
-    fn route_view(&mut self, m: &View<'_>) {
+    /// something must keep it (a peer worker, the retained store, a QoS 1/2 queue). Returns
+    /// whether any subscription matches it, on any worker, as far as this worker knows.
+    fn route_view(&mut self, m: &View<'_>) -> bool {
         let mut shared: Option<Arc<Message>> = None;
+        let mut remote = false;
         if self.shared.workers > 1 {
             // Every peer gets every message, so a subscriber acknowledged by SUBACK on any worker
             // receives all that is published after it: no interest table can lag behind.
@@ -382,12 +494,13 @@ impl Worker {
                     self.mail(peer, Mail::Publish(msg.clone()));
                 }
             }
+            self.interest.for_each_match(m.topic, |_, _| remote = true);
         }
         if m.retain {
             let msg = shared.get_or_insert_with(|| m.to_message()).clone();
             self.store_retained(&msg);
         }
-        self.deliver(m, &mut shared);
+        self.deliver(m, &mut shared) || remote
     }
 
     pub(super) fn deliver_local(&mut self, msg: &Arc<Message>) {
@@ -396,33 +509,50 @@ impl Worker {
     }
 
     /// [MQTT-3.3.5-1]: to every matching subscription on this worker, once per session at the
-    /// highest granted QoS, at min(published, granted) QoS.
-    fn deliver(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) {
+    /// highest granted QoS with every matching subscription identifier, at min(published, granted)
+    /// QoS; and to one member of each matching shared group homed here. Returns whether anything
+    /// matched.
+    fn deliver(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
+        let now = Instant::now();
+        if m.expires_at.is_some_and(|t| t <= now) {
+            return true;
+        }
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
-        self.subs.for_each_match(m.topic, |&sk, &o| matches.push((sk, o)));
+        self.subs.for_each_match(m.topic, |&sk, &sub| matches.push((sk, sub)));
+        let groups_matched = self.deliver_shared(m, shared);
+        if matches.is_empty() {
+            self.matches = matches;
+            return groups_matched;
+        }
         if matches.len() > 1 {
             matches.sort_unstable_by_key(|&(sk, _)| sk);
-            matches.dedup_by(|later, kept| {
-                if later.0 == kept.0 {
-                    if later.1.qos > kept.1.qos {
-                        kept.1.qos = later.1.qos;
-                    }
-                    kept.1.retain_as_published |= later.1.retain_as_published;
-                    kept.1.no_local &= later.1.no_local;
-                    true
-                } else {
-                    false
-                }
-            });
         }
         // A QoS 0 packet is the same bytes for every subscriber of one protocol family: encode it
         // once per family and copy it, rather than encode per subscriber.
         let mut enc = std::mem::take(&mut self.encoded);
         enc.clear();
         let mut cached: [Option<(usize, usize)>; 2] = [None, None];
+        let mut ids: Vec<u32> = Vec::new();
         let max_out = self.shared.config.max_output_bytes;
-        for &(sk, o) in &matches {
+        let mut i = 0;
+        while i < matches.len() {
+            // Merge every subscription of one session.
+            let sk = matches[i].0;
+            let mut o = matches[i].1.options;
+            ids.clear();
+            let mut j = i;
+            while j < matches.len() && matches[j].0 == sk {
+                let sub = matches[j].1;
+                o.qos = o.qos.max(sub.options.qos);
+                o.retain_as_published |= sub.options.retain_as_published;
+                o.no_local &= sub.options.no_local;
+                if sub.identifier != 0 {
+                    ids.push(sub.identifier);
+                }
+                j += 1;
+            }
+            i = j;
             let sk = sk as usize;
             if o.no_local && m.origin == Some((self.id as u16, sk as u32)) {
                 continue; // [MQTT-3.8.3-3]
@@ -432,7 +562,7 @@ impl Worker {
             let retain = m.retain && o.retain_as_published;
             if qos != QoS::AtMostOnce {
                 let msg = shared.get_or_insert_with(|| m.to_message()).clone();
-                self.enqueue(sk, msg, qos, retain);
+                self.enqueue(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None });
                 continue;
             }
             let s = &self.sessions[sk];
@@ -443,14 +573,15 @@ impl Worker {
                 continue;
             }
             let v5 = s.version.is_v5();
-            if retain {
+            let custom = if v5 { custom_properties(m.properties, m.expires_at, &ids) } else { None };
+            if retain || custom.is_some() {
                 let header = PublishHeader {
                     dup: false,
                     qos,
                     retain,
                     topic: m.topic,
                     packet_id: None,
-                    properties: m.properties,
+                    properties: custom.as_ref().or(m.properties),
                 };
                 if write_publish(c, s.version, &header, m.payload) {
                     self.counters.messages_sent += 1;
@@ -481,15 +612,99 @@ impl Worker {
         }
         self.encoded = enc;
         self.matches = matches;
+        true
+    }
+
+    /// Shared subscriptions homed on this worker: each matching group sends the message to one
+    /// member, in turn.
+    fn deliver_shared(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
+        if self.shared_trie.is_empty() {
+            return false;
+        }
+        let mut groups = Vec::new();
+        self.shared_trie.for_each_match(m.topic, |&g, _| groups.push(g as usize));
+        for &g in &groups {
+            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            self.deliver_to_group(g, msg);
+        }
+        !groups.is_empty()
+    }
+
+    /// Picks the next member of group `g` (round robin) and hands it the message.
+    pub(super) fn deliver_to_group(&mut self, g: usize, msg: Arc<Message>) {
+        let Some(group) = self.groups.get_mut(g) else { return };
+        if group.members.is_empty() {
+            return;
+        }
+        group.cursor = (group.cursor + 1) % group.members.len();
+        let member = group.members[group.cursor];
+        let key = Box::new((group.name.clone(), group.filter.clone()));
+        let qos = msg.qos.min(member.sub.options.qos);
+        let ids = if member.sub.identifier != 0 { vec![member.sub.identifier] } else { vec![] };
+        let retain = msg.retain && member.sub.options.retain_as_published;
+        let d = Delivery { msg, qos, retain, sub_ids: ids, group: Some(key) };
+        if member.worker as usize == self.id {
+            self.deliver_one(member.session as usize, d);
+        } else {
+            self.mail(member.worker as usize, Mail::SharedDeliver { session: member.session, delivery: d });
+        }
+    }
+
+    /// One delivery to one session on this worker (shared subscriptions, retained messages).
+    pub(super) fn deliver_one(&mut self, sk: usize, d: Delivery) {
+        if !self.sessions.contains(sk) {
+            if let Some(g) = d.group.clone() {
+                self.redeliver_shared(*g, d.msg);
+            }
+            return;
+        }
+        if d.qos != QoS::AtMostOnce {
+            self.enqueue(sk, d);
+            return;
+        }
+        let s = &self.sessions[sk];
+        let Some(ck) = s.conn else { return };
+        let v = s.version;
+        let custom =
+            if v.is_v5() { custom_properties(d.msg.properties.as_deref(), d.msg.expires_at, &d.sub_ids) } else { None };
+        let header = PublishHeader {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: d.retain,
+            topic: &d.msg.topic,
+            packet_id: None,
+            properties: custom.as_ref().or(d.msg.properties.as_deref()),
+        };
+        let c = &mut self.conns[ck];
+        if c.wbuf.len() >= self.shared.config.max_output_bytes {
+            self.counters.publish_dropped += 1;
+            return;
+        }
+        if write_publish(c, v, &header, &d.msg.payload) {
+            self.counters.messages_sent += 1;
+        }
+        Worker::mark_dirty(&mut self.dirty, c, ck);
+    }
+
+    /// A message of a shared group whose member went away unacknowledged: to another member.
+    pub(super) fn redeliver_shared(&mut self, key: GroupKey, msg: Arc<Message>) {
+        let home = self.shared.home_of_group(&key.0, &key.1);
+        if home != self.id {
+            self.mail(home, Mail::SharedRedeliver { key: Box::new(key), msg });
+            return;
+        }
+        if let Some(&g) = self.group_index.get(&key) {
+            self.deliver_to_group(g, msg);
+        }
     }
 
     /// A QoS 1/2 message for a session: sent now if its window and output buffer have room, else
     /// queued up to `max_queued_messages`, else dropped and counted.
-    fn enqueue(&mut self, sk: usize, msg: Arc<Message>, qos: QoS, retain: bool) {
+    fn enqueue(&mut self, sk: usize, d: Delivery) {
         if self.sessions[sk].queue.is_empty() && self.can_send(sk) {
-            self.send_qos(sk, msg, qos, retain);
+            self.send_qos(sk, d);
         } else if self.sessions[sk].queue.len() < self.shared.config.max_queued_messages {
-            self.sessions[sk].queue.push_back((msg, qos, retain));
+            self.sessions[sk].queue.push_back(d);
         } else {
             self.counters.publish_dropped += 1;
         }
@@ -498,37 +713,42 @@ impl Worker {
     fn can_send(&self, sk: usize) -> bool {
         let s = &self.sessions[sk];
         let Some(ck) = s.conn else { return false };
-        s.inflight.len() < self.shared.config.max_inflight_messages as usize
-            && self.conns[ck].wbuf.len() < self.shared.config.max_output_bytes
+        s.inflight.len() < s.send_window && self.conns[ck].wbuf.len() < self.shared.config.max_output_bytes
     }
 
-    fn send_qos(&mut self, sk: usize, msg: Arc<Message>, qos: QoS, retain: bool) {
+    fn send_qos(&mut self, sk: usize, d: Delivery) {
+        if d.msg.expired(Instant::now()) {
+            return; // [MQTT-3.3.2-5]
+        }
         let s = &mut self.sessions[sk];
         let Some(ck) = s.conn else { return };
         let id = s.next_packet_id();
+        let v = s.version;
+        let custom =
+            if v.is_v5() { custom_properties(d.msg.properties.as_deref(), d.msg.expires_at, &d.sub_ids) } else { None };
         let header = PublishHeader {
             dup: false,
-            qos,
-            retain,
-            topic: &msg.topic,
+            qos: d.qos,
+            retain: d.retain,
+            topic: &d.msg.topic,
             packet_id: Some(id),
-            properties: msg.properties.as_deref(),
+            properties: custom.as_ref().or(d.msg.properties.as_deref()),
         };
         let c = &mut self.conns[ck];
-        if !write_publish(c, s.version, &header, &msg.payload) {
+        if !write_publish(c, v, &header, &d.msg.payload) {
             return; // too large for this client: dropped, never inflight
         }
         self.counters.messages_sent += 1;
-        let state = if qos == QoS::AtLeastOnce { OutState::AwaitAck } else { OutState::AwaitRec };
-        s.inflight.push_back(Inflight { packet_id: id, qos, state, msg, retain });
+        let state = if d.qos == QoS::AtLeastOnce { OutState::AwaitAck } else { OutState::AwaitRec };
+        s.inflight.push_back(Inflight { packet_id: id, state, delivery: d });
         Worker::mark_dirty(&mut self.dirty, c, ck);
     }
 
     /// Sends queued messages while the window and the output buffer have room.
     pub(super) fn pump(&mut self, sk: usize) {
         while self.sessions.contains(sk) && self.can_send(sk) {
-            let Some((msg, qos, retain)) = self.sessions[sk].queue.pop_front() else { return };
-            self.send_qos(sk, msg, qos, retain);
+            let Some(d) = self.sessions[sk].queue.pop_front() else { return };
+            self.send_qos(sk, d);
         }
     }
 
@@ -544,44 +764,43 @@ impl Worker {
 
     fn on_subscribe(&mut self, k: usize, sk: usize, sub: Subscribe) {
         let v = self.sessions[sk].version;
+        let identifier = sub.properties.subscription_identifiers.first().copied().unwrap_or(0);
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut send_retained = Vec::new();
         for (filter, opts) in &sub.filters {
+            let subscription = Subscription { options: *opts, identifier };
             let code = match topic::parse_shared(filter) {
-                Ok(Some(_)) => {
-                    if v.is_v5() {
-                        ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-                    } else {
-                        ReasonCode::SUBACK_FAILURE
+                Ok(Some(sf)) => {
+                    if opts.no_local {
+                        // [MQTT-3.8.3-4]: a protocol error on a shared subscription.
+                        self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "no local on a shared subscription");
+                        return;
                     }
+                    let key = (MqttStr::from(sf.group), MqttStr::from(sf.filter));
+                    self.sessions[sk].subscriptions.insert(MqttStr::from(filter.as_str()), subscription);
+                    self.join_group(key, sk, subscription);
+                    ReasonCode(opts.qos as u8)
                 }
-                Err(_) => {
-                    if v.is_v5() {
-                        ReasonCode::TOPIC_FILTER_INVALID
-                    } else {
-                        ReasonCode::SUBACK_FAILURE
-                    }
-                }
+                Err(_) => failure(v, ReasonCode::TOPIC_FILTER_INVALID),
                 Ok(None) => match topic::validate_filter(filter) {
                     Err(e) => {
                         log::debug!("rejecting filter {filter:?}: {e}");
-                        if v.is_v5() {
-                            ReasonCode::TOPIC_FILTER_INVALID
-                        } else {
-                            ReasonCode::SUBACK_FAILURE
-                        }
+                        failure(v, ReasonCode::TOPIC_FILTER_INVALID)
                     }
                     Ok(()) => {
                         let filter = MqttStr::from(filter.as_str());
-                        let existed = self.subs.insert(&filter, sk as u32, *opts).ok().flatten().is_some();
-                        self.sessions[sk].subscriptions.insert(filter.clone(), *opts);
+                        let existed = self.subs.insert(&filter, sk as u32, subscription).ok().flatten().is_some();
+                        self.sessions[sk].subscriptions.insert(filter.clone(), subscription);
+                        if !existed && self.subs.count_at(&filter) == 1 {
+                            self.announce_interest(&filter, true);
+                        }
                         let wanted = match opts.retain_handling {
                             RetainHandling::OnSubscribe => true,
                             RetainHandling::OnNewSubscribe => !existed,
                             RetainHandling::Never => false,
                         };
                         if wanted {
-                            send_retained.push((filter, *opts));
+                            send_retained.push((filter, subscription));
                         }
                         ReasonCode(opts.qos as u8)
                     }
@@ -592,29 +811,19 @@ impl Worker {
         // [MQTT-3.8.4-1]: SUBACK first, then the retained messages [MQTT-3.3.1-6].
         let ack = SubAck { packet_id: sub.packet_id, codes, properties: Default::default() };
         self.send(k, &Packet::SubAck(Box::new(ack)));
-        for (filter, opts) in send_retained {
-            let hits: Vec<Arc<Message>> =
-                self.retained.iter().filter(|(t, _)| filter_matches(&filter, t)).map(|(_, m)| m.clone()).collect();
+        let now = Instant::now();
+        for (filter, subscription) in send_retained {
+            let hits: Vec<Arc<Message>> = self
+                .retained
+                .iter()
+                .filter(|(t, m)| filter_matches(&filter, t) && !m.expired(now))
+                .map(|(_, m)| m.clone())
+                .collect();
             for msg in hits {
-                let qos = msg.qos.min(opts.qos);
-                if qos == QoS::AtMostOnce {
-                    let Some(ck) = self.sessions[sk].conn else { return };
-                    let header = PublishHeader {
-                        dup: false,
-                        qos,
-                        retain: true,
-                        topic: &msg.topic,
-                        packet_id: None,
-                        properties: msg.properties.as_deref(),
-                    };
-                    let c = &mut self.conns[ck];
-                    if write_publish(c, v, &header, &msg.payload) {
-                        self.counters.messages_sent += 1;
-                    }
-                    Worker::mark_dirty(&mut self.dirty, c, ck);
-                } else {
-                    self.enqueue(sk, msg, qos, true);
-                }
+                let qos = msg.qos.min(subscription.options.qos);
+                let ids = if subscription.identifier != 0 { vec![subscription.identifier] } else { vec![] };
+                // [MQTT-3.3.1-8]: retained messages for a new subscription go out with retain set.
+                self.deliver_one(sk, Delivery { msg, qos, retain: true, sub_ids: ids, group: None });
             }
         }
     }
@@ -624,12 +833,92 @@ impl Worker {
         for filter in &unsub.filters {
             let removed = self.sessions[sk].subscriptions.remove(filter).is_some();
             if removed {
-                self.subs.remove(filter, &(sk as u32));
+                self.drop_subscription(sk, filter);
             }
             codes.push(if removed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
         let ack = UnsubAck { packet_id: unsub.packet_id, codes, properties: Default::default() };
         self.send(k, &Packet::UnsubAck(Box::new(ack)));
+    }
+
+    /// Takes one of a session's subscriptions out of the trie (or its shared group).
+    pub(super) fn drop_subscription(&mut self, sk: usize, filter: &str) {
+        if let Ok(Some(sf)) = topic::parse_shared(filter) {
+            self.leave_group((MqttStr::from(sf.group), MqttStr::from(sf.filter)), sk);
+        } else if self.subs.remove(filter, &(sk as u32)).is_some() && self.subs.count_at(filter) == 0 {
+            self.announce_interest(filter, false);
+        }
+    }
+
+    /// Tells the other workers this one has gained its first (or lost its last) subscriber of a
+    /// filter. Used only to answer "no matching subscribers" (5.0 reason 0x10), a hint; delivery
+    /// does not depend on it.
+    fn announce_interest(&mut self, filter: &str, present: bool) {
+        for peer in 0..self.shared.workers {
+            if peer != self.id {
+                let m = Mail::Interest { filter: MqttStr::from(filter), worker: self.id as u16, present };
+                self.mail(peer, m);
+            }
+        }
+    }
+
+    fn join_group(&mut self, key: GroupKey, sk: usize, sub: Subscription) {
+        let member = super::Member { worker: self.id as u16, session: sk as u32, sub };
+        let home = self.shared.home_of_group(&key.0, &key.1);
+        if home == self.id {
+            self.apply_join(key, member);
+        } else {
+            self.mail(home, Mail::SharedJoin { key: Box::new(key), member });
+        }
+    }
+
+    fn leave_group(&mut self, key: GroupKey, sk: usize) {
+        let home = self.shared.home_of_group(&key.0, &key.1);
+        if home == self.id {
+            self.apply_leave(&key, self.id as u16, sk as u32);
+        } else {
+            let m = Mail::SharedLeave { key: Box::new(key), worker: self.id as u16, session: sk as u32 };
+            self.mail(home, m);
+        }
+    }
+
+    pub(super) fn apply_join(&mut self, key: GroupKey, member: super::Member) {
+        let g = match self.group_index.get(&key) {
+            Some(&g) => g,
+            None => {
+                let g = self.groups.insert(super::SharedGroup {
+                    name: key.0.clone(),
+                    filter: key.1.clone(),
+                    members: Vec::new(),
+                    cursor: 0,
+                });
+                let _ = self.shared_trie.insert(&key.1, g as u32, ());
+                self.group_index.insert(key, g);
+                g
+            }
+        };
+        let members = &mut self.groups[g].members;
+        match members.iter_mut().find(|m| m.worker == member.worker && m.session == member.session) {
+            Some(m) => m.sub = member.sub,
+            None => members.push(member),
+        }
+    }
+
+    pub(super) fn apply_leave(&mut self, key: &GroupKey, worker: u16, session: u32) {
+        let Some(&g) = self.group_index.get(key) else { return };
+        let group = &mut self.groups[g];
+        group.members.retain(|m| !(m.worker == worker && m.session == session));
+        if group.members.is_empty() {
+            self.shared_trie.remove(&key.1, &(g as u32));
+            self.group_index.remove(key);
+            self.groups.remove(g);
+        }
+    }
+
+    /// Publishes a session's will (its delay is over, or its session ended first).
+    pub(super) fn publish_will(&mut self, sk: usize, w: &Will) {
+        let msg = Arc::new(Message::from_will(w, Some((self.id as u16, sk as u32))));
+        self.route(msg);
     }
 
     /// Publishes the `$SYS/broker/...` topics (retained), with mosquitto's names.
@@ -667,6 +956,7 @@ impl Worker {
                 retain: true,
                 properties: None,
                 origin: None,
+                expires_at: None,
             };
             self.route(Arc::new(msg));
         }
