@@ -25,6 +25,7 @@ fn persistent_session_keeps_subscriptions_and_queues_while_offline() {
             p.publish(&format!("d/{i}"), "q", QoS::AtLeastOnce, false);
         }
         p.publish("d/zero", "dropped for offline sessions", QoS::AtMostOnce, false);
+        p.sync(); // routed (to every worker's ring) before the subscriber comes back
         let (mut s, ack) = Client::connect(addr, "durable", false);
         assert!(ack.session_present, "[MQTT-3.2.2-2] session present on resume");
         for i in 0..5 {

@@ -175,6 +175,7 @@ pub struct Worker {
     next_sys: Instant,
     generated_ids: u64,
     sys_load: crate::sys::Load,
+    draining: bool,
 }
 
 impl Worker {
@@ -216,6 +217,7 @@ impl Worker {
             next_sys: now + Duration::from_secs(1),
             generated_ids: 0,
             sys_load: crate::sys::Load::default(),
+            draining: false,
             shared,
         }
     }
@@ -702,6 +704,12 @@ impl Worker {
     }
 
     fn drain_mail(&mut self) {
+        // A handover taken while draining attaches a session, which catches up on mail itself:
+        // never recurse (a burst of handovers would nest as deep as the ring is long).
+        if self.draining {
+            return;
+        }
+        self.draining = true;
         for from in 0..self.inbox.len() {
             // Bounded per iteration by what is in the ring now, so I/O is not starved.
             let n = self.inbox[from].as_ref().map_or(0, |c| c.len());
@@ -729,6 +737,7 @@ impl Worker {
                 }
             }
         }
+        self.draining = false;
     }
 
     fn tick(&mut self, now: Instant) {

@@ -151,8 +151,22 @@ impl Worker {
         None
     }
 
+    /// Applies the mail already in the rings from other workers, so that what happened before
+    /// this client's packet was sent (a publish acknowledged to another client) is seen by it.
+    /// Returns false if connection `k` (attached to session `sk`, if given) went away meanwhile.
+    fn catch_up(&mut self, k: usize, sk: usize) -> bool {
+        let uid = self.conns[k].uid;
+        self.drain_mail();
+        self.alive(k, uid) && self.sessions.get(sk).is_some_and(|s| s.conn == Some(k))
+    }
+
     /// Binds a connection to its session on the client id's home worker and sends CONNACK.
     pub(super) fn attach(&mut self, k: usize, connect: Box<Connect>, assigned_id: bool) {
+        let uid = self.conns[k].uid;
+        self.drain_mail();
+        if !self.alive(k, uid) {
+            return;
+        }
         let v = connect.protocol;
         // Keep nothing that points into a read buffer: copy what the session keeps.
         let client_id = MqttStr::from(connect.client_id.as_str());
@@ -763,6 +777,11 @@ impl Worker {
     }
 
     fn on_subscribe(&mut self, k: usize, sk: usize, sub: Subscribe) {
+        // Whatever peers had routed before this SUBSCRIBE was sent (a retained message whose
+        // PUBACK the subscriber may have seen) is applied first.
+        if !self.catch_up(k, sk) {
+            return;
+        }
         let v = self.sessions[sk].version;
         let identifier = sub.properties.subscription_identifiers.first().copied().unwrap_or(0);
         let mut codes = Vec::with_capacity(sub.filters.len());
