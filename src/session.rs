@@ -5,8 +5,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ahash::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
+
 use bytes::Bytes;
+use slab::Slab;
 
 use crate::codec::{MqttStr, PacketId, Properties, ProtocolVersion, QoS, SubscriptionOptions, Will};
 
@@ -88,6 +91,10 @@ pub struct Inflight {
     pub delivery: Delivery,
 }
 
+/// A session's own maps hold only what that one client sent, so they use a fixed-key hasher and
+/// save the per-map random state (memory that tens of thousands of idle sessions would add up).
+pub type FixedState = BuildHasherDefault<ahash::AHasher>;
+
 /// "Never expires" in 5.0, and what a 3.1.1 persistent session gets.
 pub const NEVER: u32 = u32::MAX;
 
@@ -100,7 +107,7 @@ pub struct Session {
     /// Seconds the session outlives its connection: 0 ends it with the connection (3.1.1 clean
     /// session), `NEVER` keeps it (3.1.1 persistent session).
     pub expiry_interval: u32,
-    pub subscriptions: HashMap<MqttStr, Subscription>,
+    pub subscriptions: HashMap<MqttStr, Subscription, FixedState>,
     /// Outgoing QoS 1/2 messages not yet completed, oldest first; at most `send_window`.
     pub inflight: VecDeque<Inflight>,
     /// QoS 1/2 messages waiting for room in the window (or for the client to return); at most
@@ -112,10 +119,10 @@ pub struct Session {
     next_packet_id: u16,
     /// QoS 2 packet ids received and not yet released [MQTT-4.3.3-2]: a duplicate PUBLISH with one
     /// of these is acknowledged but not delivered again. Bounded by the receive maximum.
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: HashSet<u16, FixedState>,
     pub will: Option<Box<Will>>,
     /// A will waiting out its 5.0 will delay interval after an abnormal disconnect.
-    pub pending_will: Option<(Instant, Box<Will>)>,
+    pub pending_will: Option<Box<(Instant, Will)>>,
     pub disconnected_at: Option<Instant>,
 }
 
@@ -157,5 +164,37 @@ impl Session {
     pub fn expires_at(&self) -> Option<Instant> {
         let at = self.disconnected_at?;
         (self.expiry_interval != NEVER).then(|| at + std::time::Duration::from_secs(self.expiry_interval as u64))
+    }
+}
+
+/// Client id -> session key, storing only the key: the id itself lives once, in the session.
+pub struct ClientIndex {
+    table: hashbrown::HashTable<u32>,
+    hasher: ahash::RandomState,
+}
+
+impl ClientIndex {
+    pub fn with_capacity(n: usize) -> Self {
+        ClientIndex { table: hashbrown::HashTable::with_capacity(n), hasher: ahash::RandomState::new() }
+    }
+
+    pub fn get(&self, sessions: &Slab<Session>, client_id: &str) -> Option<usize> {
+        let h = self.hasher.hash_one(client_id);
+        self.table.find(h, |&sk| sessions[sk as usize].client_id == client_id).map(|&sk| sk as usize)
+    }
+
+    /// Indexes session `sk`, already in `sessions`, by its client id.
+    pub fn insert(&mut self, sessions: &Slab<Session>, sk: usize) {
+        let h = self.hasher.hash_one(sessions[sk].client_id.as_str());
+        let hasher = &self.hasher;
+        self.table.insert_unique(h, sk as u32, |&k| hasher.hash_one(sessions[k as usize].client_id.as_str()));
+    }
+
+    /// Forgets session `sk` (call before removing it from `sessions`).
+    pub fn remove(&mut self, sessions: &Slab<Session>, sk: usize) {
+        let h = self.hasher.hash_one(sessions[sk].client_id.as_str());
+        if let Ok(entry) = self.table.find_entry(h, |&k| k as usize == sk) {
+            entry.remove();
+        }
     }
 }

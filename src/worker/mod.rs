@@ -28,7 +28,7 @@ use crate::codec::{
     ProtocolVersion, PublishRef, ReasonCode,
 };
 use crate::ring::{Consumer, Producer, Pushed};
-use crate::session::{Delivery, GroupKey, Message, Session, Subscription};
+use crate::session::{ClientIndex, Delivery, GroupKey, Message, Session, Subscription};
 use crate::topic::SubTrie;
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -82,7 +82,7 @@ pub struct SharedGroup {
 
 pub struct Handover {
     stream: TcpStream,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     rest: BytesMut,
     connect: Box<Connect>,
     assigned_id: bool,
@@ -94,7 +94,6 @@ pub struct Conn {
     /// Unique per worker, so a slab key reused after a close is never mistaken for the old one.
     uid: u64,
     stream: TcpStream,
-    peer: SocketAddr,
     /// Bytes of an incomplete packet kept between reads (empty for an idle connection).
     rbuf: BytesMut,
     /// Encoded packets waiting for the socket; bounded by `max_output_bytes` for QoS 0.
@@ -102,8 +101,9 @@ pub struct Conn {
     version: Option<ProtocolVersion>,
     session: Option<usize>,
     keep_alive: u16,
-    last_rx: Instant,
-    created: Instant,
+    /// Milliseconds on the worker's clock (`Worker::now_ms`) of the last read, and of the accept.
+    last_rx: u32,
+    created: u32,
     dirty: bool,
     /// Registered for WRITABLE because a write would have blocked.
     writable: bool,
@@ -113,10 +113,17 @@ pub struct Conn {
     max_packet_out: usize,
     /// Close once the output buffer is written.
     close_after_flush: bool,
-    /// Inbound 5.0 topic aliases: alias n is `aliases[n - 1]`.
-    aliases: Vec<Option<MqttStr>>,
+    /// Inbound 5.0 topic aliases: alias n is `aliases[n - 1]`. Boxed: most clients use none.
+    aliases: Option<Box<Vec<Option<MqttStr>>>>,
     /// The 5.0 client wants reason strings (request problem information).
     problem_info: bool,
+}
+
+impl Conn {
+    /// The client's address, for log lines (not kept: it would cost every idle connection).
+    fn peer(&self) -> String {
+        self.stream.peer_addr().map_or_else(|_| "a closed socket".to_string(), |a| a.to_string())
+    }
 }
 
 /// Why a connection ends: decides whether its will is published.
@@ -150,7 +157,7 @@ pub struct Worker {
     conns: Slab<Conn>,
     next_uid: u64,
     sessions: Slab<Session>,
-    by_client: HashMap<MqttStr, usize>,
+    by_client: ClientIndex,
     subs: SubTrie<u32, Subscription>,
     /// Filters other workers have subscribers for (only for the 5.0 "no matching subscribers" hint).
     interest: SubTrie<u16, ()>,
@@ -176,6 +183,8 @@ pub struct Worker {
     generated_ids: u64,
     sys_load: crate::sys::Load,
     draining: bool,
+    /// Origin of the worker's millisecond clock (`now_ms`).
+    epoch: Instant,
 }
 
 impl Worker {
@@ -189,14 +198,18 @@ impl Worker {
     ) -> Worker {
         let n = shared.workers;
         let now = Instant::now();
+        // Sized for this worker's share of `max_connections` up front: the memory is only
+        // reserved, and pages are touched as entries are used, so growth never copies (and
+        // never leaves a doubled, touched copy behind).
+        let per_worker = shared.config.max_connections.div_ceil(n);
         Worker {
             id,
             poll,
             listener: Some(listener),
-            conns: Slab::new(),
+            conns: Slab::with_capacity(per_worker),
             next_uid: 0,
-            sessions: Slab::new(),
-            by_client: HashMap::default(),
+            sessions: Slab::with_capacity(per_worker),
+            by_client: ClientIndex::with_capacity(per_worker),
             subs: SubTrie::new(),
             interest: SubTrie::new(),
             groups: Slab::new(),
@@ -218,6 +231,7 @@ impl Worker {
             generated_ids: 0,
             sys_load: crate::sys::Load::default(),
             draining: false,
+            epoch: now,
             shared,
         }
     }
@@ -291,12 +305,11 @@ impl Worker {
                         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                         continue;
                     }
-                    let now = Instant::now();
+                    let now = now_ms(self.epoch);
                     self.next_uid += 1;
                     entry.insert(Conn {
                         uid: self.next_uid,
                         stream,
-                        peer,
                         rbuf: BytesMut::new(),
                         wbuf: BytesMut::new(),
                         version: None,
@@ -309,7 +322,7 @@ impl Worker {
                         over_limit,
                         max_packet_out: usize::MAX,
                         close_after_flush: false,
-                        aliases: Vec::new(),
+                        aliases: None,
                         problem_info: true,
                     });
                     log::debug!("worker {}: connection {k} from {peer}", self.id);
@@ -323,6 +336,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Milliseconds since the worker started, wrapping after 49 days: intervals measured with it
+    /// (keep alive, connect timeout) are far shorter, and `wrapping_sub` keeps them right.
+    fn now_ms(&self) -> u32 {
+        now_ms(self.epoch)
     }
 
     fn alive(&self, k: usize, uid: u64) -> bool {
@@ -362,7 +381,7 @@ impl Worker {
                 }
                 Ok(n) => {
                     self.counters.bytes_received += n as u64;
-                    c.last_rx = Instant::now();
+                    c.last_rx = now_ms(self.epoch);
                     if !self.process(k, uid, &mut buf) {
                         break;
                     }
@@ -455,7 +474,7 @@ impl Worker {
     /// Logs a violation, tells a 5.0 client why, and closes the connection (publishing its will).
     fn protocol_error(&mut self, k: usize, e: &DecodeError) {
         let c = &mut self.conns[k];
-        log::info!("closing connection from {}: {e}", c.peer);
+        log::info!("closing connection from {}: {e}", c.peer());
         if c.version.is_none() && e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
             // [MQTT-3.1.2-2]: answer an unsupported level with CONNACK 0x01 and close. The level is
             // unknown, so the answer takes the 3.1.1 form, as other brokers do.
@@ -530,8 +549,10 @@ impl Worker {
             self.close(k, CloseKind::Normal);
             return;
         }
-        if c.wbuf.capacity() > READ_CHUNK {
-            c.wbuf = BytesMut::new(); // an idle connection should not pin a burst's buffer
+        if c.wbuf.capacity() > READ_CHUNK || c.wbuf.capacity() <= 256 {
+            // An idle connection holds no output buffer: not a burst's, and not the few bytes of
+            // its last CONNACK or PINGRESP either (tens of thousands of idle clients add up).
+            c.wbuf = BytesMut::new();
         }
         if let Some(sk) = c.session {
             self.pump(sk);
@@ -548,7 +569,7 @@ impl Worker {
             let _ = c.stream.write(&c.wbuf);
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
-        log::debug!("worker {}: connection {k} from {} closed ({kind:?})", self.id, c.peer);
+        log::debug!("worker {}: connection {k} from {} closed ({kind:?})", self.id, c.peer());
         let Some(sk) = c.session else { return };
         let Some(s) = self.sessions.get_mut(sk) else { return };
         if s.conn != Some(k) {
@@ -565,7 +586,7 @@ impl Worker {
                 // and dropped if the session is resumed before [MQTT-3.1.3-9].
                 let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
                 if delay > 0 {
-                    s.pending_will = Some((now + Duration::from_secs(delay as u64), w));
+                    s.pending_will = Some(Box::new((now + Duration::from_secs(delay as u64), *w)));
                 } else {
                     self.publish_will(sk, &w);
                 }
@@ -579,13 +600,13 @@ impl Worker {
     /// Ends a session: its subscriptions go, its pending will goes out, and QoS 1/2 messages it
     /// received through a shared subscription and never acknowledged go to another member.
     fn end_session(&mut self, sk: usize) {
+        self.by_client.remove(&self.sessions, sk);
         let mut s = self.sessions.remove(sk);
-        self.by_client.remove(&s.client_id);
         for filter in s.subscriptions.keys() {
             self.drop_subscription(sk, filter);
         }
-        if let Some((_, w)) = s.pending_will.take() {
-            self.publish_will(sk, &w);
+        if let Some(pending) = s.pending_will.take() {
+            self.publish_will(sk, &pending.1);
         }
         let unacked = s
             .inflight
@@ -605,7 +626,9 @@ impl Worker {
         let home = self.shared.home_of(&connect.client_id);
         let mut c = self.conns.remove(k);
         let _ = self.poll.registry().deregister(&mut c.stream);
-        let h = Handover { stream: c.stream, peer: c.peer, rest, connect, assigned_id, created: c.created };
+        let created = self.epoch + Duration::from_millis(c.created as u64);
+        let peer = c.stream.peer_addr().ok();
+        let h = Handover { stream: c.stream, peer, rest, connect, assigned_id, created };
         self.mail(home, Mail::Handover(Box::new(h)));
     }
 
@@ -614,29 +637,30 @@ impl Worker {
         let entry = self.conns.vacant_entry();
         let k = entry.key();
         if let Err(e) = self.poll.registry().register(&mut stream, Token(k), Interest::READABLE) {
-            log::warn!("cannot register handed-over connection from {peer}: {e}");
+            log::warn!("cannot register handed-over connection from {peer:?}: {e}");
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         self.next_uid += 1;
         let uid = self.next_uid;
+        let now = now_ms(self.epoch);
+        let created = now.wrapping_sub(created.elapsed().as_millis().min(u32::MAX as u128) as u32);
         entry.insert(Conn {
             uid,
             stream,
-            peer,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             version: None,
             session: None,
             keep_alive: 0,
-            last_rx: Instant::now(),
+            last_rx: now,
             created,
             dirty: false,
             writable: false,
             over_limit: false,
             max_packet_out: usize::MAX,
             close_after_flush: false,
-            aliases: Vec::new(),
+            aliases: None,
             problem_info: true,
         });
         self.attach(k, connect, assigned_id);
@@ -669,7 +693,7 @@ impl Worker {
     fn overflow_push(&mut self, to: usize, mail: Mail) {
         if self.overflow[to].len() >= OVERFLOW_LIMIT {
             if let Mail::Handover(h) = mail {
-                log::warn!("worker {}: peer {to} saturated, refusing connection from {}", self.id, h.peer);
+                log::warn!("worker {}: peer {to} saturated, refusing connection from {:?}", self.id, h.peer);
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             }
             self.counters.publish_dropped += 1;
@@ -742,23 +766,24 @@ impl Worker {
 
     fn tick(&mut self, now: Instant) {
         self.next_tick = now + TICK;
-        let connect_timeout = self.shared.config.connect_timeout();
+        let connect_timeout = self.shared.config.connect_timeout().as_millis() as u32;
+        let now_ms = self.now_ms();
         let mut expired = Vec::new();
         for (k, c) in self.conns.iter() {
             if c.version.is_none() {
-                if now.duration_since(c.created) > connect_timeout {
+                if now_ms.wrapping_sub(c.created) > connect_timeout {
                     expired.push((k, CloseKind::NoSession, "no CONNECT in time"));
                 }
             } else if c.keep_alive > 0 {
                 // [MQTT-3.1.2-24]: one and a half times the keep alive.
-                let limit = Duration::from_millis(c.keep_alive as u64 * 1500);
-                if now.duration_since(c.last_rx) > limit {
+                let limit = c.keep_alive as u32 * 1500;
+                if now_ms.wrapping_sub(c.last_rx) > limit {
                     expired.push((k, CloseKind::Abnormal, "keep alive timeout"));
                 }
             }
         }
         for (k, kind, why) in expired {
-            log::info!("closing connection from {}: {why}", self.conns[k].peer);
+            log::info!("closing connection from {}: {why}", self.conns[k].peer());
             if self.conns[k].version == Some(ProtocolVersion::V5) {
                 self.send(k, &Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::KEEP_ALIVE_TIMEOUT))));
             }
@@ -767,15 +792,15 @@ impl Worker {
         // Delayed wills that are due, and sessions whose expiry interval has run out.
         let mut due = Vec::new();
         for (sk, s) in self.sessions.iter() {
-            let will_due = s.pending_will.as_ref().is_some_and(|(at, _)| *at <= now);
+            let will_due = s.pending_will.as_ref().is_some_and(|p| p.0 <= now);
             let expired = s.conn.is_none() && s.expires_at().is_some_and(|at| at <= now);
             if will_due || expired {
                 due.push((sk, expired));
             }
         }
         for (sk, expired) in due {
-            if let Some((_, w)) = self.sessions[sk].pending_will.take() {
-                self.publish_will(sk, &w);
+            if let Some(pending) = self.sessions[sk].pending_will.take() {
+                self.publish_will(sk, &pending.1);
             }
             if expired {
                 self.end_session(sk);
@@ -837,6 +862,10 @@ impl Worker {
         self.publish_stats();
         log::info!("worker {} stopped", self.id);
     }
+}
+
+fn now_ms(epoch: Instant) -> u32 {
+    epoch.elapsed().as_millis() as u32
 }
 
 /// Reads into the spare capacity of `buf` without zeroing it first.

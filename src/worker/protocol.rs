@@ -93,7 +93,7 @@ impl Worker {
     pub(super) fn on_connect(&mut self, k: usize, connect: Box<Connect>) -> Option<(Box<Connect>, bool)> {
         let c = &mut self.conns[k];
         if c.version.is_some() {
-            log::info!("closing connection from {}: second CONNECT [MQTT-3.1.0-2]", c.peer);
+            log::info!("closing connection from {}: second CONNECT [MQTT-3.1.0-2]", c.peer());
             self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "second CONNECT [MQTT-3.1.0-2]");
             return None;
         }
@@ -102,7 +102,7 @@ impl Worker {
         c.problem_info = connect.properties.request_problem_information != Some(0);
         let refuse = |w: &mut Worker, v3: ReasonCode, v5: ReasonCode, why: &str| {
             let c = &mut w.conns[k];
-            log::info!("refusing CONNECT from {}: {why}", c.peer);
+            log::info!("refusing CONNECT from {}: {why}", c.peer());
             let mut ack = ConnAck { code: if v.is_v5() { v5 } else { v3 }, ..Default::default() };
             if v.is_v5() && c.problem_info {
                 ack.properties.reason_string = Some(MqttStr::from(why));
@@ -171,9 +171,9 @@ impl Worker {
         // Keep nothing that points into a read buffer: copy what the session keeps.
         let client_id = MqttStr::from(connect.client_id.as_str());
         // [MQTT-3.1.4-2]: an existing connection with this client id is closed.
-        if let Some(&sk) = self.by_client.get(&client_id) {
+        if let Some(sk) = self.by_client.get(&self.sessions, &client_id) {
             if let Some(old) = self.sessions[sk].conn {
-                log::info!("client {client_id} taken over by {}", self.conns[k].peer);
+                log::info!("client {client_id} taken over by {}", self.conns[k].peer());
                 self.disconnect_with(old, ReasonCode::SESSION_TAKEN_OVER, "another connection took this client id");
             }
         }
@@ -184,18 +184,18 @@ impl Worker {
         } else {
             NEVER
         };
-        let existing = self.by_client.get(&client_id).copied();
+        let existing = self.by_client.get(&self.sessions, &client_id);
         let (sk, present) = match existing {
             Some(sk) if !connect.clean_start => (sk, true),
             Some(sk) => {
                 // The old session ends now: a will still waiting on its delay goes out [MQTT-3.1.3-9].
-                if let Some((_, w)) = self.sessions[sk].pending_will.take() {
-                    self.publish_will(sk, &w);
+                if let Some(pending) = self.sessions[sk].pending_will.take() {
+                    self.publish_will(sk, &pending.1);
                 }
                 self.end_session(sk);
-                (self.new_session(client_id.clone(), v), false)
+                (self.new_session(MqttStr::from(client_id.as_str()), v), false)
             }
-            None => (self.new_session(client_id.clone(), v), false),
+            None => (self.new_session(MqttStr::from(client_id.as_str()), v), false),
         };
         let max_inflight = self.shared.config.max_inflight_messages as usize;
         let s = &mut self.sessions[sk];
@@ -219,7 +219,7 @@ impl Worker {
         c.version = Some(v);
         c.session = Some(sk);
         c.keep_alive = connect.keep_alive;
-        c.aliases.clear();
+        c.aliases = None;
         if let Some(max) = connect.properties.maximum_packet_size {
             c.max_packet_out = max as usize;
         }
@@ -250,8 +250,8 @@ impl Worker {
     }
 
     fn new_session(&mut self, client_id: MqttStr, v: ProtocolVersion) -> usize {
-        let sk = self.sessions.insert(Session::new(client_id.clone(), v));
-        self.by_client.insert(client_id, sk);
+        let sk = self.sessions.insert(Session::new(client_id, v));
+        self.by_client.insert(&self.sessions, sk);
         sk
     }
 
@@ -376,12 +376,12 @@ impl Worker {
                 }
             }
             Packet::Auth(_) => {
-                log::info!("closing connection from {}: AUTH without an authentication method", self.conns[k].peer);
+                log::info!("closing connection from {}: AUTH without an authentication method", self.conns[k].peer());
                 self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "no authentication method is in use");
             }
             other => {
                 let why = format!("{} is not sent by clients", other.name());
-                log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                log::info!("closing connection from {}: {why}", self.conns[k].peer());
                 self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, &why);
             }
         }
@@ -396,7 +396,7 @@ impl Worker {
         if let Some(props) = p.properties.as_deref() {
             if !props.subscription_identifiers.is_empty() {
                 let why = "subscription identifier from a client [MQTT-3.3.4-6]";
-                log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                log::info!("closing connection from {}: {why}", self.conns[k].peer());
                 self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, why);
                 return;
             }
@@ -404,27 +404,28 @@ impl Worker {
                 // [MQTT-3.3.2-8]/[MQTT-3.3.2-9]: 1 to our advertised maximum.
                 if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
                     let why = "topic alias outside 1..topic alias maximum [MQTT-3.3.2-9]";
-                    log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                    log::info!("closing connection from {}: {why}", self.conns[k].peer());
                     self.disconnect_with(k, ReasonCode::TOPIC_ALIAS_INVALID, why);
                     return;
                 }
                 let c = &mut self.conns[k];
                 let slot = alias as usize - 1;
-                if c.aliases.len() <= slot {
-                    c.aliases.resize(slot + 1, None);
+                let aliases = c.aliases.get_or_insert_with(Default::default);
+                if aliases.len() <= slot {
+                    aliases.resize(slot + 1, None);
                 }
                 if p.topic.is_empty() {
-                    match &c.aliases[slot] {
+                    match &aliases[slot] {
                         Some(t) => alias_topic = Some(t.clone()),
                         None => {
                             let why = "unknown topic alias with an empty topic [MQTT-3.3.2-12]";
-                            log::info!("closing connection from {}: {why}", c.peer);
+                            log::info!("closing connection from {}: {why}", c.peer());
                             self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, why);
                             return;
                         }
                     }
                 } else {
-                    c.aliases[slot] = Some(MqttStr::from(p.topic));
+                    aliases[slot] = Some(MqttStr::from(p.topic));
                 }
                 let mut rest = props.clone();
                 rest.topic_alias = None; // an alias is per connection: never forwarded
@@ -447,7 +448,7 @@ impl Worker {
                 {
                     // [MQTT-3.3.4-7]: more unacknowledged QoS 2 than our receive maximum.
                     let why = "more QoS 2 messages in flight than the receive maximum";
-                    log::info!("closing connection from {}: {why}", self.conns[k].peer);
+                    log::info!("closing connection from {}: {why}", self.conns[k].peer());
                     self.disconnect_with(k, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, why);
                     return;
                 }
