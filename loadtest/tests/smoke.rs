@@ -28,7 +28,7 @@ fn every_scenario_runs_against_an_in_process_broker() {
         // (max_queued_messages), past which any broker drops.
         (&["fanin", "--publishers", "3", "--qos", "1", "--rate", "3000"][..], "fanin"),
         (&["fanout", "--subscribers", "5", "--qos", "2", "--rate", "2000"][..], "fanout"),
-        (&["pairs", "--pairs", "4", "--qos", "1", "--mqtt", "5"][..], "pairs"),
+        (&["pairs", "--pairs", "4", "--qos", "1", "--mqtt", "5", "--rate", "4000"][..], "pairs"),
         (&["fanin", "--qos", "0", "--rate", "2000"][..], "fanin"),
         (&["latency", "--qos", "1", "--rate", "2000"][..], "latency"),
     ] {

@@ -246,7 +246,10 @@ impl Worker {
             // A ring is drained by at most what it held when draining began, so mail may be left;
             // a producer wakes us only on empty-to-non-empty, so look before sleeping.
             let mail_waiting = self.inbox.iter().flatten().any(|c| !c.is_empty());
-            let idle = self.more_to_read.is_empty() && self.overflow.iter().all(|o| o.is_empty());
+            // Output queued after the last flush (a window that opened during it) goes out now.
+            let idle = self.more_to_read.is_empty()
+                && self.dirty.is_empty()
+                && self.overflow.iter().all(|o| o.is_empty());
             let timeout =
                 if idle && !mail_waiting { self.next_tick.saturating_duration_since(now) } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -273,7 +276,9 @@ impl Worker {
                 }
             }
             for (k, uid) in std::mem::take(&mut self.more_to_read) {
-                self.read_conn(k, uid);
+                if self.alive(k, uid) {
+                    self.read_conn(k, uid);
+                }
             }
             self.drain_mail();
             if self.shared.shutdown.load(Ordering::Relaxed) {
