@@ -554,9 +554,11 @@ impl Worker {
             self.close(k, CloseKind::Normal);
             return;
         }
-        if c.wbuf.capacity() > READ_CHUNK || c.wbuf.capacity() <= 256 {
-            // An idle connection holds no output buffer: not a burst's, and not the few bytes of
-            // its last CONNACK or PINGRESP either (tens of thousands of idle clients add up).
+        if c.wbuf.capacity() <= 256 {
+            // An idle connection holds no output buffer, not even the few bytes of its last CONNACK
+            // or PINGRESP (tens of thousands of idle clients add up). Larger buffers stay while
+            // the connection is busy (freeing and faulting them in again per write costs more than
+            // the copy they carry) and are trimmed by `tick` once they sit empty.
             c.wbuf = BytesMut::new();
         }
         if let Some(sk) = c.session {
@@ -785,6 +787,11 @@ impl Worker {
                 if now_ms.wrapping_sub(c.last_rx) > limit {
                     expired.push((k, CloseKind::Abnormal, "keep alive timeout"));
                 }
+            }
+        }
+        for (_, c) in self.conns.iter_mut() {
+            if c.wbuf.is_empty() && c.wbuf.capacity() > 4096 {
+                c.wbuf = BytesMut::new();
             }
         }
         for (k, kind, why) in expired {

@@ -540,7 +540,8 @@ impl Worker {
             self.matches = matches;
             return groups_matched;
         }
-        if matches.len() > 1 {
+        // Group each session's subscriptions; one filter's subscribers are already distinct.
+        if matches.len() > 1 && !matches.windows(2).all(|w| w[0].0 < w[1].0) {
             matches.sort_unstable_by_key(|&(sk, _)| sk);
         }
         // A QoS 0 packet is the same bytes for every subscriber of one protocol family: encode it
