@@ -194,7 +194,7 @@ pub fn summarize(input: &Path, out: &Path, first: &str, second: &str) -> Result<
             &[
                 ("throughput", "delivered msg/s", 0),
                 ("cpu_s_per_million", "broker CPU-s per million delivered", 3),
-                ("lost", "lost (QoS 0 drops)", 0),
+                ("lost", "messages lost (QoS 0: dropped under overload)", 0),
                 ("p99_us", "p99 latency (µs)", 0),
             ]
         };
@@ -221,11 +221,12 @@ fn scenario_key(r: &serde_json::Value) -> String {
     if s == "conns" {
         return "conns".into();
     }
+    // The protocol version is not part of the key: runs that differ only in it are compared
+    // with each other when their labels say which is which (perf/v5.sh).
     format!(
-        "{s} {}->{} QoS {} MQTT {}",
+        "{s} {}->{} QoS {}",
         r["publishers"].as_u64().unwrap_or(0),
         r["subscribers"].as_u64().unwrap_or(0),
-        r["qos"].as_u64().unwrap_or(0),
-        r["mqtt"].as_str().unwrap_or("")
+        r["qos"].as_u64().unwrap_or(0)
     )
 }

@@ -247,9 +247,8 @@ impl Worker {
             // a producer wakes us only on empty-to-non-empty, so look before sleeping.
             let mail_waiting = self.inbox.iter().flatten().any(|c| !c.is_empty());
             // Output queued after the last flush (a window that opened during it) goes out now.
-            let idle = self.more_to_read.is_empty()
-                && self.dirty.is_empty()
-                && self.overflow.iter().all(|o| o.is_empty());
+            let idle =
+                self.more_to_read.is_empty() && self.dirty.is_empty() && self.overflow.iter().all(|o| o.is_empty());
             let timeout =
                 if idle && !mail_waiting { self.next_tick.saturating_duration_since(now) } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
