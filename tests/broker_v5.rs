@@ -169,6 +169,40 @@ fn topic_aliases_are_resolved_and_never_forwarded() {
 }
 
 #[test]
+fn the_broker_uses_topic_aliases_a_client_accepts() {
+    for w in WORKER_COUNTS {
+        let b = start(w);
+        let props = Properties { topic_alias_maximum: Some(2), ..Default::default() };
+        let (mut s, _) = Client::connect_with(b.local_addr(), connect5("alias-in", true, props));
+        s.subscribe("a/#", QoS::AtLeastOnce);
+        let (mut p, _) = Client::connect(b.local_addr(), "pub", true);
+        // (topic on the wire, alias) for a/1, a/1, a/2, a/3, a/1 with room for two aliases.
+        let want = [("a/1", Some(1)), ("", Some(1)), ("a/2", Some(2)), ("a/3", None), ("", Some(1))];
+        let mut resolved: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
+        for (i, topic) in ["a/1", "a/1", "a/2", "a/3", "a/1"].into_iter().enumerate() {
+            p.publish(topic, vec![i as u8], QoS::AtLeastOnce, false);
+            let m = s.recv_publish();
+            let alias = m.properties.as_ref().and_then(|p| p.topic_alias);
+            assert_eq!((m.topic.as_str(), alias), want[i], "[MQTT-3.3.2-12] message {i}");
+            let topic_seen = if m.topic.is_empty() { resolved[&alias.unwrap()].clone() } else { m.topic.to_string() };
+            if let (Some(a), false) = (alias, m.topic.is_empty()) {
+                resolved.insert(a, m.topic.to_string());
+            }
+            assert_eq!(topic_seen, topic);
+            s.ack(&m);
+        }
+        // Without topic alias maximum the client never sees one [MQTT-3.3.2-10].
+        let (mut plain, _) = Client::connect_with(b.local_addr(), connect5("alias-none", true, Properties::default()));
+        plain.subscribe("a/#", QoS::AtMostOnce);
+        p.publish("a/1", "x", QoS::AtMostOnce, false);
+        let m = plain.recv_publish();
+        assert_eq!(m.topic, "a/1");
+        assert!(m.properties.is_none());
+        b.shutdown();
+    }
+}
+
+#[test]
 fn expired_messages_are_not_delivered_and_the_rest_carry_the_remaining_interval() {
     for w in WORKER_COUNTS {
         let b = start(w);

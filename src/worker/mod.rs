@@ -117,7 +117,19 @@ pub struct Conn {
     aliases: Option<Box<Vec<Option<MqttStr>>>>,
     /// The 5.0 client wants reason strings (request problem information).
     problem_info: bool,
+    /// Outbound topic aliases, for a 5.0 client that accepts them.
+    out_aliases: Option<Box<OutAliases>>,
 }
+
+/// Topic aliases we use towards one client: topic -> alias, assigned first come, first served.
+pub struct OutAliases {
+    max: u16,
+    map: std::collections::HashMap<Box<str>, u16, crate::session::FixedState>,
+}
+
+/// At most this many outbound aliases per connection, whatever the client accepts: each keeps a
+/// copy of its topic.
+pub const OUT_ALIASES_MAX: u16 = 64;
 
 impl Conn {
     /// The client's address, for log lines (not kept: it would cost every idle connection).
@@ -328,6 +340,7 @@ impl Worker {
                         close_after_flush: false,
                         aliases: None,
                         problem_info: true,
+                        out_aliases: None,
                     });
                     log::debug!("worker {}: connection {k} from {peer}", self.id);
                 }
@@ -668,6 +681,7 @@ impl Worker {
             close_after_flush: false,
             aliases: None,
             problem_info: true,
+            out_aliases: None,
         });
         self.attach(k, connect, assigned_id);
         if self.alive(k, uid) && !rest.is_empty() {

@@ -71,6 +71,34 @@ fn custom_properties(base: Option<&Properties>, expires_at: Option<Instant>, ids
 /// Encodes a PUBLISH into a connection's output buffer, unless it exceeds the client's maximum
 /// packet size [MQTT-3.1.2-24], in which case it is dropped. Returns whether it was queued.
 fn write_publish(c: &mut Conn, v: ProtocolVersion, header: &PublishHeader, payload: &[u8]) -> bool {
+    if let Some(aliases) = c.out_aliases.as_deref_mut() {
+        // A 5.0 client that accepts topic aliases: the first PUBLISH of a topic names it and
+        // sets an alias, later ones send only the alias [MQTT-3.3.2-12].
+        let (alias, known) = match aliases.map.get(header.topic) {
+            Some(&a) => (Some(a), true),
+            None if aliases.map.len() < aliases.max as usize => {
+                let a = aliases.map.len() as u16 + 1;
+                aliases.map.insert(header.topic.into(), a);
+                (Some(a), false)
+            }
+            None => (None, false),
+        };
+        if let Some(alias) = alias {
+            let mut props = header.properties.cloned().unwrap_or_default();
+            props.topic_alias = Some(alias);
+            let aliased =
+                PublishHeader { topic: if known { "" } else { header.topic }, properties: Some(&props), ..*header };
+            if aliased.size(v, payload.len()) > c.max_packet_out {
+                if !known {
+                    aliases.map.remove(header.topic);
+                }
+                return false;
+            }
+            aliased.encode(v, payload.len(), &mut c.wbuf);
+            c.wbuf.extend_from_slice(payload);
+            return true;
+        }
+    }
     if header.size(v, payload.len()) > c.max_packet_out {
         return false;
     }
@@ -220,6 +248,13 @@ impl Worker {
         c.session = Some(sk);
         c.keep_alive = connect.keep_alive;
         c.aliases = None;
+        // Aliases are per connection [MQTT-3.3.2-7]: a new connection starts with none.
+        c.out_aliases = match connect.properties.topic_alias_maximum {
+            Some(max) if v.is_v5() && max > 0 => {
+                Some(Box::new(super::OutAliases { max: max.min(super::OUT_ALIASES_MAX), map: Default::default() }))
+            }
+            _ => None,
+        };
         if let Some(max) = connect.properties.maximum_packet_size {
             c.max_packet_out = max as usize;
         }
@@ -590,7 +625,7 @@ impl Worker {
             }
             let v5 = s.version.is_v5();
             let custom = if v5 { custom_properties(m.properties, m.expires_at, &ids) } else { None };
-            if retain || custom.is_some() {
+            if retain || custom.is_some() || c.out_aliases.is_some() {
                 let header = PublishHeader {
                     dup: false,
                     qos,
