@@ -109,44 +109,30 @@ impl<K: PartialEq + Copy, V> SubTrie<K, V> {
         v
     }
 
-    /// Whether `key` is subscribed to exactly `filter`.
-    pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+    /// The subscribers whose filter is exactly `filter`.
+    fn list_at(&self, filter: &str) -> Option<&Vec<(K, V)>> {
         let mut node = &self.root;
         let mut rest = Some(filter);
-        let list = loop {
-            let Some(r) = rest else { break &node.subs };
+        loop {
+            let Some(r) = rest else { return Some(&node.subs) };
             let (level, next) = split(r);
             node = match level {
-                "#" => break &node.multi,
+                "#" => return Some(&node.multi),
                 "+" => node.plus.as_deref()?,
                 _ => node.children.get(level)?,
             };
             rest = next;
-        };
-        list.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        }
+    }
+
+    /// Whether `key` is subscribed to exactly `filter`.
+    pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+        self.list_at(filter)?.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// How many subscribers `filter` has, exactly as written.
     pub fn count_at(&self, filter: &str) -> usize {
-        let mut node = &self.root;
-        let mut rest = Some(filter);
-        let list = loop {
-            let Some(r) = rest else { break &node.subs };
-            let (level, next) = split(r);
-            node = match level {
-                "#" => break &node.multi,
-                "+" => match node.plus.as_deref() {
-                    Some(n) => n,
-                    None => return 0,
-                },
-                _ => match node.children.get(level) {
-                    Some(n) => n,
-                    None => return 0,
-                },
-            };
-            rest = next;
-        };
-        list.len()
+        self.list_at(filter).map_or(0, |l| l.len())
     }
 
     /// Calls `f` for every subscription whose filter matches `topic`. A subscriber with several

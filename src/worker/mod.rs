@@ -132,6 +132,28 @@ pub struct OutAliases {
 pub const OUT_ALIASES_MAX: u16 = 64;
 
 impl Conn {
+    fn new(uid: u64, stream: TcpStream, now: u32, created: u32, over_limit: bool) -> Conn {
+        Conn {
+            uid,
+            stream,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            version: None,
+            session: None,
+            keep_alive: 0,
+            last_rx: now,
+            created,
+            dirty: false,
+            writable: false,
+            over_limit,
+            max_packet_out: usize::MAX,
+            close_after_flush: false,
+            aliases: None,
+            problem_info: true,
+            out_aliases: None,
+        }
+    }
+
     /// The client's address, for log lines (not kept: it would cost every idle connection).
     fn peer(&self) -> String {
         self.stream.peer_addr().map_or_else(|_| "a closed socket".to_string(), |a| a.to_string())
@@ -323,25 +345,7 @@ impl Worker {
                     }
                     let now = now_ms(self.epoch);
                     self.next_uid += 1;
-                    entry.insert(Conn {
-                        uid: self.next_uid,
-                        stream,
-                        rbuf: BytesMut::new(),
-                        wbuf: BytesMut::new(),
-                        version: None,
-                        session: None,
-                        keep_alive: 0,
-                        last_rx: now,
-                        created: now,
-                        dirty: false,
-                        writable: false,
-                        over_limit,
-                        max_packet_out: usize::MAX,
-                        close_after_flush: false,
-                        aliases: None,
-                        problem_info: true,
-                        out_aliases: None,
-                    });
+                    entry.insert(Conn::new(self.next_uid, stream, now, now, over_limit));
                     log::debug!("worker {}: connection {k} from {peer}", self.id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -664,25 +668,7 @@ impl Worker {
         let uid = self.next_uid;
         let now = now_ms(self.epoch);
         let created = now.wrapping_sub(created.elapsed().as_millis().min(u32::MAX as u128) as u32);
-        entry.insert(Conn {
-            uid,
-            stream,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            version: None,
-            session: None,
-            keep_alive: 0,
-            last_rx: now,
-            created,
-            dirty: false,
-            writable: false,
-            over_limit: false,
-            max_packet_out: usize::MAX,
-            close_after_flush: false,
-            aliases: None,
-            problem_info: true,
-            out_aliases: None,
-        });
+        entry.insert(Conn::new(uid, stream, now, created, false));
         self.attach(k, connect, assigned_id);
         if self.alive(k, uid) && !rest.is_empty() {
             let mut rest = rest;

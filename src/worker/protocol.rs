@@ -346,15 +346,7 @@ impl Worker {
         };
         let v5 = self.sessions[sk].version.is_v5();
         match packet {
-            Packet::PubAck(a) => {
-                let s = &mut self.sessions[sk];
-                if let Some(i) = s.inflight_position(a.packet_id) {
-                    if s.inflight[i].state == OutState::AwaitAck {
-                        s.inflight.remove(i);
-                        self.pump(sk);
-                    }
-                }
-            }
+            Packet::PubAck(a) => self.complete(sk, a.packet_id, OutState::AwaitAck),
             Packet::PubRec(a) => {
                 let s = &mut self.sessions[sk];
                 let known = s.inflight_position(a.packet_id);
@@ -373,15 +365,7 @@ impl Worker {
                 }
                 self.send(k, &Packet::PubRel(rel));
             }
-            Packet::PubComp(a) => {
-                let s = &mut self.sessions[sk];
-                if let Some(i) = s.inflight_position(a.packet_id) {
-                    if s.inflight[i].state == OutState::AwaitComp {
-                        s.inflight.remove(i);
-                        self.pump(sk);
-                    }
-                }
-            }
+            Packet::PubComp(a) => self.complete(sk, a.packet_id, OutState::AwaitComp),
             Packet::PubRel(a) => {
                 // [MQTT-4.3.3-2]: release the id; the message was delivered on PUBLISH.
                 let known = self.sessions[sk].incoming_qos2.remove(&a.packet_id.get());
@@ -418,6 +402,18 @@ impl Worker {
                 let why = format!("{} is not sent by clients", other.name());
                 log::info!("closing connection from {}: {why}", self.conns[k].peer());
                 self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, &why);
+            }
+        }
+    }
+
+    /// PUBACK or PUBCOMP: the outgoing flow of `id` ends if it was waiting for exactly that, and
+    /// the window has room for the next queued message.
+    fn complete(&mut self, sk: usize, id: crate::codec::PacketId, waiting: OutState) {
+        let s = &mut self.sessions[sk];
+        if let Some(i) = s.inflight_position(id) {
+            if s.inflight[i].state == waiting {
+                s.inflight.remove(i);
+                self.pump(sk);
             }
         }
     }
