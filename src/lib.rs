@@ -2,6 +2,34 @@
 //!
 //! `Broker::start(config)` runs it in the background (what `main` and the tests do); `codec` and
 //! `topic` are the sans-io pieces it is built on.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//!
+//! use bytes::BytesMut;
+//! use tern::codec::{decode, Connect, Packet, ProtocolVersion, ReasonCode};
+//! use tern::{Broker, Config};
+//!
+//! // A broker on an ephemeral loopback port, one worker.
+//! let broker = Broker::start(Config { port: 0, workers: 1, ..Config::default() }).unwrap();
+//! let mut socket = std::net::TcpStream::connect(broker.local_addr()).unwrap();
+//!
+//! let mut out = BytesMut::new();
+//! Connect::new("doc-example").encode(&mut out);
+//! socket.write_all(&out).unwrap();
+//!
+//! let mut buf = BytesMut::new();
+//! let connack = loop {
+//!     if let Some(p) = decode(&mut buf, Some(ProtocolVersion::V311), 1 << 20).unwrap() {
+//!         break p;
+//!     }
+//!     let mut chunk = [0u8; 64];
+//!     let n = socket.read(&mut chunk).unwrap();
+//!     buf.extend_from_slice(&chunk[..n]);
+//! };
+//! assert!(matches!(connack, Packet::ConnAck(a) if a.code == ReasonCode::SUCCESS));
+//! broker.shutdown();
+//! ```
 
 pub mod broker;
 pub mod codec;
