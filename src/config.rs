@@ -37,6 +37,11 @@ pub struct Config {
     pub sys_interval: u64,
     /// Accept 3.1/3.1.1 CONNECT with an empty client id and clean session (a generated id).
     pub allow_zero_length_clientid: bool,
+    /// Subscriptions one session may hold; more are refused in SUBACK (5.0: 0x97 quota exceeded).
+    pub max_subscriptions_per_client: usize,
+    /// Retained messages the broker keeps; a new retained topic past it is not stored (counted as
+    /// dropped), replacing or clearing an existing one always works.
+    pub max_retained_messages: usize,
 }
 
 impl Default for Config {
@@ -55,6 +60,8 @@ impl Default for Config {
             connect_timeout: 10,
             sys_interval: 10,
             allow_zero_length_clientid: true,
+            max_subscriptions_per_client: 10_000,
+            max_retained_messages: 100_000,
         }
     }
 }

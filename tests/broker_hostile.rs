@@ -120,6 +120,28 @@ fn ten_thousand_malformed_packets_do_not_disturb_a_healthy_client() {
     }
 }
 
+#[test]
+fn subscriptions_and_retained_topics_are_bounded() {
+    let b = start_with(tern::Config { max_subscriptions_per_client: 3, max_retained_messages: 2, ..config(1) });
+    let (mut c, _) = Client::connect_v(b.local_addr(), "greedy", true, ProtocolVersion::V5);
+    for i in 0..3 {
+        assert_eq!(c.subscribe(&format!("s/{i}"), QoS::AtMostOnce), ReasonCode::GRANTED_QOS_0);
+    }
+    assert_eq!(c.subscribe("s/3", QoS::AtMostOnce), ReasonCode::QUOTA_EXCEEDED);
+    assert_eq!(c.subscribe("s/0", QoS::AtLeastOnce), ReasonCode::GRANTED_QOS_1, "replacing one still works");
+    for i in 0..3 {
+        c.publish(&format!("r/{i}"), "kept?", QoS::AtLeastOnce, true);
+    }
+    let (mut late, _) = Client::connect(b.local_addr(), "late", true);
+    late.subscribe("r/#", QoS::AtLeastOnce);
+    let mut got = vec![late.recv_publish().topic.to_string(), late.recv_publish().topic.to_string()];
+    got.sort();
+    assert_eq!(got, vec!["r/0", "r/1"], "the third retained topic is past the bound");
+    late.sync();
+    late.expect_silence(Duration::from_millis(200));
+    b.shutdown();
+}
+
 /// Runs the real binary on an ephemeral port; returns it and its port.
 fn spawn_tern(extra: &[&str], config: &str) -> (Child, u16, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tern-test-{}-{}", std::process::id(), rand_suffix()));

@@ -803,6 +803,13 @@ impl Worker {
         if msg.payload.is_empty() {
             // [MQTT-3.3.1-10]/[MQTT-3.3.1-11]: an empty retained message clears the topic.
             self.retained.remove(&msg.topic);
+        } else if self.retained.len() >= self.shared.config.max_retained_messages
+            && !self.retained.contains_key(&msg.topic)
+        {
+            self.counters.publish_dropped += 1;
+            if self.id == 0 {
+                log::warn!("max_retained_messages reached: not retaining {}", msg.topic);
+            }
         } else {
             let topic = MqttStr::from(msg.topic.as_str());
             self.retained.insert(topic, msg.clone());
@@ -819,8 +826,15 @@ impl Worker {
         let identifier = sub.properties.subscription_identifiers.first().copied().unwrap_or(0);
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut send_retained = Vec::new();
+        let max_subs = self.shared.config.max_subscriptions_per_client;
         for (filter, opts) in &sub.filters {
             let subscription = Subscription { options: *opts, identifier };
+            let s = &self.sessions[sk];
+            if s.subscriptions.len() >= max_subs && !s.subscriptions.contains_key(filter) {
+                log::info!("client {}: max_subscriptions_per_client reached, refusing {filter:?}", s.client_id);
+                codes.push(failure(v, ReasonCode::QUOTA_EXCEEDED));
+                continue;
+            }
             let code = match topic::parse_shared(filter) {
                 Ok(Some(sf)) => {
                     if opts.no_local {
