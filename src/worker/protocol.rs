@@ -621,15 +621,15 @@ impl Worker {
             }
             let v5 = s.version.is_v5();
             let custom = if v5 { custom_properties(m.properties, m.expires_at, &ids) } else { None };
+            let header = PublishHeader {
+                dup: false,
+                qos,
+                retain,
+                topic: m.topic,
+                packet_id: None,
+                properties: custom.as_ref().or(m.properties),
+            };
             if retain || custom.is_some() || c.out_aliases.is_some() {
-                let header = PublishHeader {
-                    dup: false,
-                    qos,
-                    retain,
-                    topic: m.topic,
-                    packet_id: None,
-                    properties: custom.as_ref().or(m.properties),
-                };
                 if write_publish(c, s.version, &header, m.payload) {
                     self.counters.messages_sent += 1;
                 }
@@ -637,14 +637,6 @@ impl Worker {
                 let slot = &mut cached[v5 as usize];
                 let (start, end) = *slot.get_or_insert_with(|| {
                     let start = enc.len();
-                    let header = PublishHeader {
-                        dup: false,
-                        qos,
-                        retain,
-                        topic: m.topic,
-                        packet_id: None,
-                        properties: m.properties,
-                    };
                     header.encode(s.version, m.payload.len(), &mut enc);
                     enc.extend_from_slice(m.payload);
                     (start, enc.len())
