@@ -6,6 +6,7 @@
 #   perf/compare.sh                 # 3 repetitions, 5 s per run
 #   REPS=5 DURATION=10 perf/compare.sh
 #   REPORT_ONLY=1 perf/compare.sh   # redo REPORT.md and the charts from the last results.jsonl
+#   ONLY=latency REPS=7 OUT=perf/report/latency perf/compare.sh   # one scenario, more runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +71,7 @@ SCENARIOS=(
 
 for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
     for scenario in "${SCENARIOS[@]}"; do
+        [ -z "${ONLY:-}" ] || [ "${scenario%% *}" = "$ONLY" ] || continue
         for broker in tern mosquitto; do
             echo "== run $rep/$REPS: $broker $scenario"
             start_broker "$broker"
