@@ -100,6 +100,8 @@ pub const NEVER: u32 = u32::MAX;
 
 #[derive(Debug)]
 pub struct Session {
+    /// Unique on its worker: tells a session from a later one that reuses its slab key.
+    pub uid: u64,
     pub client_id: MqttStr,
     /// Slab key of the connection attached now, if any.
     pub conn: Option<usize>,
@@ -129,6 +131,7 @@ pub struct Session {
 impl Session {
     pub fn new(client_id: MqttStr, version: ProtocolVersion) -> Session {
         Session {
+            uid: 0,
             client_id,
             conn: None,
             version,

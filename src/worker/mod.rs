@@ -57,7 +57,8 @@ pub enum Mail {
     /// To a shared group's home worker: a session leaves the group.
     SharedLeave { key: Box<GroupKey>, worker: u16, session: u32 },
     /// From a shared group's home worker: deliver this to the chosen member.
-    SharedDeliver { session: u32, delivery: Delivery },
+    /// `uid` is the session's, so a slab key reused since the member left is not mistaken for it.
+    SharedDeliver { session: u32, uid: u64, delivery: Delivery },
     /// To a shared group's home worker: a member went away without acknowledging this.
     SharedRedeliver { key: Box<GroupKey>, msg: Arc<Message> },
     /// The sender gained its first (or lost its last) subscriber of `filter`.
@@ -69,6 +70,7 @@ pub enum Mail {
 pub struct Member {
     worker: u16,
     session: u32,
+    session_uid: u64,
     sub: Subscription,
 }
 
@@ -755,7 +757,14 @@ impl Worker {
                     Mail::Handover(h) => self.take_handover(*h),
                     Mail::SharedJoin { key, member } => self.apply_join(*key, member),
                     Mail::SharedLeave { key, worker, session } => self.apply_leave(&key, worker, session),
-                    Mail::SharedDeliver { session, delivery } => self.deliver_one(session as usize, delivery),
+                    Mail::SharedDeliver { session, uid, delivery } => {
+                        if self.sessions.get(session as usize).is_some_and(|s| s.uid == uid) {
+                            self.deliver_one(session as usize, delivery);
+                        } else if let Some(g) = delivery.group {
+                            // The member left before this arrived: to someone still in the group.
+                            self.redeliver_shared(*g, delivery.msg);
+                        }
+                    }
                     Mail::SharedRedeliver { key, msg } => self.redeliver_shared(*key, msg),
                     Mail::Interest { filter, worker, present } => {
                         if present {

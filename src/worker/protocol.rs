@@ -285,7 +285,10 @@ impl Worker {
     }
 
     fn new_session(&mut self, client_id: MqttStr, v: ProtocolVersion) -> usize {
-        let sk = self.sessions.insert(Session::new(client_id, v));
+        self.next_uid += 1;
+        let mut session = Session::new(client_id, v);
+        session.uid = self.next_uid;
+        let sk = self.sessions.insert(session);
         self.by_client.insert(&self.sessions, sk);
         sk
     }
@@ -685,7 +688,8 @@ impl Worker {
         if member.worker as usize == self.id {
             self.deliver_one(member.session as usize, d);
         } else {
-            self.mail(member.worker as usize, Mail::SharedDeliver { session: member.session, delivery: d });
+            let m = Mail::SharedDeliver { session: member.session, uid: member.session_uid, delivery: d };
+            self.mail(member.worker as usize, m);
         }
     }
 
@@ -921,7 +925,8 @@ impl Worker {
     }
 
     fn join_group(&mut self, key: GroupKey, sk: usize, sub: Subscription) {
-        let member = super::Member { worker: self.id as u16, session: sk as u32, sub };
+        let session_uid = self.sessions[sk].uid;
+        let member = super::Member { worker: self.id as u16, session: sk as u32, session_uid, sub };
         let home = self.shared.home_of_group(&key.0, &key.1);
         if home == self.id {
             self.apply_join(key, member);
