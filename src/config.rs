@@ -39,6 +39,9 @@ pub struct Config {
     pub allow_zero_length_clientid: bool,
     /// Subscriptions one session may hold; more are refused in SUBACK (5.0: 0x97 quota exceeded).
     pub max_subscriptions_per_client: usize,
+    /// Sessions kept at once, connected or not (persistent sessions outlive their connections);
+    /// a CONNECT that would create one more is refused (3.1.1: server unavailable, 5.0: 0x97).
+    pub max_sessions: usize,
     /// Retained messages the broker keeps; a new retained topic past it is not stored (counted as
     /// dropped), replacing or clearing an existing one always works.
     pub max_retained_messages: usize,
@@ -61,6 +64,7 @@ impl Default for Config {
             sys_interval: 10,
             allow_zero_length_clientid: true,
             max_subscriptions_per_client: 10_000,
+            max_sessions: 1_000_000,
             max_retained_messages: 100_000,
         }
     }

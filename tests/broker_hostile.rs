@@ -142,6 +142,22 @@ fn subscriptions_and_retained_topics_are_bounded() {
     b.shutdown();
 }
 
+#[test]
+fn sessions_are_bounded() {
+    let b = start_with(tern::Config { max_sessions: 2, ..config(1) });
+    for id in ["p1", "p2"] {
+        let (c, ack) = Client::connect(b.local_addr(), id, false);
+        assert_eq!(ack.code, ReasonCode::SUCCESS);
+        c.disconnect(); // persistent: the session stays
+    }
+    let (mut c, ack) = Client::connect(b.local_addr(), "p3", true);
+    assert_eq!(ack.code, ConnectReturnCode::SERVER_UNAVAILABLE, "a third session does not fit");
+    c.expect_closed();
+    let (_c, ack) = Client::connect(b.local_addr(), "p1", false);
+    assert!(ack.session_present, "an existing session is still resumed");
+    b.shutdown();
+}
+
 /// Runs the real binary on an ephemeral port; returns it and its port.
 fn spawn_tern(extra: &[&str], config: &str) -> (Child, u16, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tern-test-{}-{}", std::process::id(), rand_suffix()));

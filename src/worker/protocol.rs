@@ -179,6 +179,11 @@ impl Worker {
         None
     }
 
+    /// Whether one more session fits this worker's share of `max_sessions`.
+    fn session_room(&self) -> bool {
+        self.sessions.len() < self.shared.config.max_sessions.div_ceil(self.shared.workers)
+    }
+
     /// Applies the mail already in the rings from other workers, so that what happened before
     /// this client's packet was sent (a publish acknowledged to another client) is seen by it.
     /// Returns false if connection `k` (attached to session `sk`, if given) went away meanwhile.
@@ -213,6 +218,16 @@ impl Worker {
             NEVER
         };
         let existing = self.by_client.get(&self.sessions, &client_id);
+        if existing.is_none() && !self.session_room() {
+            log::warn!("max_sessions reached: refusing client {client_id}");
+            let code = if v.is_v5() { ReasonCode::QUOTA_EXCEEDED } else { ConnectReturnCode::SERVER_UNAVAILABLE };
+            let c = &mut self.conns[k];
+            c.version = Some(v);
+            Packet::ConnAck(Box::new(ConnAck { code, ..Default::default() })).encode(v, &mut c.wbuf);
+            c.close_after_flush = true;
+            Worker::mark_dirty(&mut self.dirty, c, k);
+            return;
+        }
         let (sk, present) = match existing {
             Some(sk) if !connect.clean_start => (sk, true),
             Some(sk) => {
