@@ -38,6 +38,8 @@ pub struct Shared {
     /// Open connections over all workers, for `max_connections`.
     pub connections: AtomicUsize,
     pub wakers: Vec<Arc<Waker>>,
+    /// Whether each worker sleeps (and must be woken for mail).
+    pub parking: Vec<crate::ring::Parking>,
     pub stats: Vec<WorkerStats>,
     /// Decides each client id's home worker; the same keys on every worker.
     pub hasher: ahash::RandomState,
@@ -111,6 +113,7 @@ impl Broker {
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             wakers,
+            parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             hasher: ahash::RandomState::new(),
             started: Instant::now(),

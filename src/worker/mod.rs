@@ -27,7 +27,7 @@ use crate::codec::{
     decode, next_frame, packet_type, parse_fixed_header, Connect, DecodeError, Disconnect, MqttStr, Packet,
     ProtocolVersion, PublishRef, ReasonCode,
 };
-use crate::ring::{Consumer, Producer, Pushed};
+use crate::ring::{Consumer, Producer};
 use crate::session::{ClientIndex, Delivery, GroupKey, Message, Session, Subscription};
 use crate::topic::SubTrie;
 
@@ -279,15 +279,18 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            // A ring is drained by at most what it held when draining began, so mail may be left;
-            // a producer wakes us only on empty-to-non-empty, so look before sleeping.
-            let mail_waiting = self.inbox.iter().flatten().any(|c| !c.is_empty());
             // Output queued after the last flush (a window that opened during it) goes out now.
             let idle =
                 self.more_to_read.is_empty() && self.dirty.is_empty() && self.overflow.iter().all(|o| o.is_empty());
-            let timeout =
-                if idle && !mail_waiting { self.next_tick.saturating_duration_since(now) } else { Duration::ZERO };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            // Sleep only after telling producers so and finding the rings still empty: a ring is
+            // drained by at most what it held when draining began, and peers wake us only if we
+            // are parked.
+            let inbox = &self.inbox;
+            let sleep = idle && self.shared.parking[self.id].park(|| inbox.iter().flatten().all(|c| c.is_empty()));
+            let timeout = if sleep { self.next_tick.saturating_duration_since(now) } else { Duration::ZERO };
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.shared.parking[self.id].unpark();
+            if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
@@ -692,8 +695,7 @@ impl Worker {
         }
         let Some(p) = self.outbox[to].as_mut() else { return };
         match p.push(mail) {
-            Ok(Pushed::WasEmpty) => self.wake[to] = true,
-            Ok(Pushed::WasNotEmpty) => {}
+            Ok(()) => self.wake[to] = true,
             Err(mail) => self.overflow_push(to, mail),
         }
     }
@@ -715,8 +717,7 @@ impl Worker {
             while let Some(mail) = self.overflow[to].pop_front() {
                 let Some(p) = self.outbox[to].as_mut() else { break };
                 match p.push(mail) {
-                    Ok(Pushed::WasEmpty) => self.wake[to] = true,
-                    Ok(Pushed::WasNotEmpty) => {}
+                    Ok(()) => self.wake[to] = true,
                     Err(mail) => {
                         self.overflow[to].push_front(mail);
                         self.wake[to] = true;
@@ -727,9 +728,11 @@ impl Worker {
         }
     }
 
+    /// Wakes the peers this iteration sent mail to, if they sleep: one eventfd write per sleep
+    /// of a peer, however much mail it gets.
     fn wake_peers(&mut self) {
         for to in 0..self.wake.len() {
-            if std::mem::take(&mut self.wake[to]) {
+            if std::mem::take(&mut self.wake[to]) && self.shared.parking[to].needs_wake() {
                 let _ = self.shared.wakers[to].wake();
             }
         }
