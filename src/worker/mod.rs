@@ -41,7 +41,7 @@ const READS_PER_TURN: usize = 16;
 /// Timers (keepalive, connect timeout, stats) run this often.
 const TICK: Duration = Duration::from_millis(250);
 /// Messages a worker holds for a peer whose ring is full, before it drops (and counts) them.
-const OVERFLOW_LIMIT: usize = 256 * 1024;
+const OVERFLOW_LIMIT: usize = 64 * 1024;
 /// Topic aliases a 5.0 client may use towards us (advertised in CONNACK).
 pub const TOPIC_ALIAS_MAXIMUM: u16 = 32;
 
@@ -392,7 +392,9 @@ impl Worker {
         }
         let mut close = None;
         for turn in 0.. {
-            if turn == READS_PER_TURN {
+            // A peer's ring is full (its overflow holds mail): read no more until it drains, so
+            // publishers feel TCP backpressure instead of the overflow growing [DESIGN: full rings].
+            if turn == READS_PER_TURN || self.overflow.iter().any(|o| !o.is_empty()) {
                 self.more_to_read.push((k, uid));
                 break;
             }
