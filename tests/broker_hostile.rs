@@ -78,7 +78,7 @@ fn ten_thousand_malformed_packets_do_not_disturb_a_healthy_client() {
         let attackers: Vec<_> = (0..8u64)
             .map(|t| {
                 std::thread::spawn(move || {
-                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1) * 0x1234_5678);
+                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((t + 1) * 0x1234_5678));
                     for i in 0..1250 {
                         let mut s = std::net::TcpStream::connect(addr).unwrap();
                         let mut bytes = Vec::new();

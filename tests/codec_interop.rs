@@ -189,7 +189,7 @@ fn subscribe_and_acks_311_both_ways() {
         ),
         (Packet::PingReq, v4::Packet::PingReq),
         (Packet::PingResp, v4::Packet::PingResp),
-        (Packet::Disconnect(Box::new(Disconnect::default())), v4::Packet::Disconnect),
+        (Packet::Disconnect(Box::default()), v4::Packet::Disconnect),
     ];
     for (mine, theirs) in cases {
         let mut wire = encode(&mine, ProtocolVersion::V311);

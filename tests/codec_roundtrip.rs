@@ -166,7 +166,7 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
         })),
         Packet::PingReq,
         Packet::PingResp,
-        Packet::Disconnect(Box::new(Disconnect::default())),
+        Packet::Disconnect(Box::default()),
     ];
     if let Packet::Connect(c) = &mut out[0] {
         c.protocol = v;
@@ -181,7 +181,7 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
             },
         })));
         out.push(Packet::Disconnect(Box::new(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER))));
-        out.push(Packet::Auth(Box::new(Auth::default())));
+        out.push(Packet::Auth(Box::default()));
         out.push(Packet::Auth(Box::new(Auth {
             reason: ReasonCode::CONTINUE_AUTHENTICATION,
             properties: Properties {

@@ -115,7 +115,9 @@ pub struct Conn {
     max_packet_out: usize,
     /// Close once the output buffer is written.
     close_after_flush: bool,
-    /// Inbound 5.0 topic aliases: alias n is `aliases[n - 1]`. Boxed: most clients use none.
+    /// Inbound 5.0 topic aliases: alias n is `aliases[n - 1]`. Boxed: most clients use none,
+    /// and 8 bytes per idle connection beat a `Vec`'s 24.
+    #[allow(clippy::box_collection)]
     aliases: Option<Box<Vec<Option<MqttStr>>>>,
     /// The 5.0 client wants reason strings (request problem information).
     problem_info: bool,
