@@ -121,6 +121,39 @@ fn ten_thousand_malformed_packets_do_not_disturb_a_healthy_client() {
 }
 
 #[test]
+fn a_reset_from_a_subscriber_with_pending_output_harms_no_worker() {
+    for w in WORKER_COUNTS {
+        let b = start(w);
+        let addr = b.local_addr();
+        let mut resets = Vec::new();
+        for i in 0..8 {
+            // Subscribers that stop reading, so the broker has output pending and waits for
+            // writability; then they vanish with a TCP reset.
+            let (mut s, _) = Client::connect(addr, &format!("reset-{i}"), true);
+            s.subscribe("flood", QoS::AtMostOnce);
+            resets.push(s);
+        }
+        let (mut p, _) = Client::connect(addr, "flooder", true);
+        for _ in 0..400 {
+            p.publish("flood", vec![0u8; 16 * 1024], QoS::AtMostOnce, false);
+        }
+        p.sync();
+        for s in resets {
+            socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s); // RST: the broker sees the socket readable, writable and in error at once
+        }
+        p.publish("flood", "more", QoS::AtMostOnce, false);
+        p.sync();
+        assert!(b.is_healthy(), "no worker died");
+        let (mut after, _) = Client::connect(addr, "after", true);
+        after.subscribe("after", QoS::AtLeastOnce);
+        p.publish("after", "still here", QoS::AtLeastOnce, false);
+        assert_eq!(&after.recv_publish().payload[..], b"still here");
+        b.shutdown();
+    }
+}
+
+#[test]
 fn subscriptions_and_retained_topics_are_bounded() {
     let b = start_with(tern::Config { max_subscriptions_per_client: 3, max_retained_messages: 2, ..config(1) });
     let (mut c, _) = Client::connect_v(b.local_addr(), "greedy", true, ProtocolVersion::V5);

@@ -309,7 +309,9 @@ impl Worker {
                         if ev.is_writable() {
                             self.flush(k);
                         }
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        // The flush may have closed it (a reset peer is both writable and readable).
+                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        if readable && self.alive(k, uid) {
                             self.read_conn(k, uid);
                         }
                     }
