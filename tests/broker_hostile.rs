@@ -134,7 +134,8 @@ fn a_reset_from_a_subscriber_with_pending_output_harms_no_worker() {
             resets.push(s);
         }
         let (mut p, _) = Client::connect(addr, "flooder", true);
-        for _ in 0..400 {
+        // 24 MiB each: more than the kernel's socket buffers take, so output stays pending.
+        for _ in 0..1600 {
             p.publish("flood", vec![0u8; 16 * 1024], QoS::AtMostOnce, false);
         }
         p.sync();
