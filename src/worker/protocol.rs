@@ -248,7 +248,9 @@ impl Worker {
         s.disconnected_at = None;
         // Resumed in time: the delayed will is not sent [MQTT-3.1.3-9].
         s.pending_will = None;
-        s.send_window = max_inflight.min(connect.properties.receive_maximum.map_or(usize::MAX, |r| r as usize));
+        // At most 65,534 in flight, so a free packet id always exists for the next one.
+        s.send_window =
+            max_inflight.min(connect.properties.receive_maximum.map_or(usize::MAX, |r| r as usize)).min(65_534);
         s.will = connect.will.as_ref().map(|w| {
             Box::new(Will {
                 topic: MqttStr::from(w.topic.as_str()),
