@@ -155,6 +155,37 @@ fn a_reset_from_a_subscriber_with_pending_output_harms_no_worker() {
 }
 
 #[test]
+fn a_publisher_that_never_reads_its_acks_is_paused_not_buffered() {
+    for w in WORKER_COUNTS {
+        let b = start_with(tern::Config { max_output_bytes: 64 * 1024, ..config(w) });
+        let (c, _) = Client::connect(b.local_addr(), "deaf", true);
+        let mut writer = c.stream.try_clone().unwrap();
+        const N: u32 = 1_000_000; // 4 MB of PUBACKs owed: past the socket buffers and the 64 KiB bound
+        let sender = std::thread::spawn(move || {
+            let mut out = BytesMut::new();
+            for i in 0..N {
+                let mut p = Publish::new("deaf/t", QoS::AtLeastOnce, Bytes::from_static(b"x"));
+                p.packet_id = Some(pid((i % 65535 + 1) as u16));
+                p.encode(ProtocolVersion::V311, &mut out);
+            }
+            // Blocks while the broker, owed-output bound reached, stops reading us.
+            writer.write_all(&out).unwrap();
+        });
+        // Only now read: every PUBACK arrives, none lost to the pause.
+        let mut c = c;
+        let mut acks = 0;
+        while acks < N {
+            if let Packet::PubAck(_) = c.recv() {
+                acks += 1;
+            }
+        }
+        sender.join().unwrap();
+        assert!(b.is_healthy());
+        b.shutdown();
+    }
+}
+
+#[test]
 fn subscriptions_and_retained_topics_are_bounded() {
     let b = start_with(tern::Config { max_subscriptions_per_client: 3, max_retained_messages: 2, ..config(1) });
     let (mut c, _) = Client::connect_v(b.local_addr(), "greedy", true, ProtocolVersion::V5);

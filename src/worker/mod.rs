@@ -123,6 +123,8 @@ pub struct Conn {
     problem_info: bool,
     /// Outbound topic aliases, for a 5.0 client that accepts them.
     out_aliases: Option<Box<OutAliases>>,
+    /// Not read from until its output drains below half of `max_output_bytes`.
+    read_paused: bool,
 }
 
 /// Topic aliases we use towards one client: topic -> alias, assigned first come, first served.
@@ -155,6 +157,7 @@ impl Conn {
             aliases: None,
             problem_info: true,
             out_aliases: None,
+            read_paused: false,
         }
     }
 
@@ -402,6 +405,13 @@ impl Worker {
                 self.more_to_read.push((k, uid));
                 break;
             }
+            // A client that does not read what we owe it (acknowledgements to its own publishes,
+            // say) is not read from either until it catches up: its output cannot grow without end.
+            let c = &mut self.conns[k];
+            if c.wbuf.len() > self.shared.config.max_output_bytes {
+                c.read_paused = true;
+                break;
+            }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_CHUNK);
             }
@@ -566,6 +576,10 @@ impl Worker {
         if failed {
             self.close(k, CloseKind::Abnormal);
             return;
+        }
+        if c.read_paused && c.wbuf.len() <= self.shared.config.max_output_bytes / 2 {
+            c.read_paused = false;
+            self.more_to_read.push((k, c.uid));
         }
         let pending = !c.wbuf.is_empty();
         if pending != c.writable {
