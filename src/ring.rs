@@ -78,11 +78,6 @@ impl<T> Producer<T> {
         r.tail.store(tail.wrapping_add(1), Ordering::Release);
         Ok(())
     }
-
-    pub fn is_full(&self) -> bool {
-        let r = &*self.inner;
-        r.tail.load(Ordering::Relaxed).wrapping_sub(r.head.load(Ordering::Acquire)) > r.mask
-    }
 }
 
 impl<T> Consumer<T> {

@@ -23,12 +23,7 @@ pub fn start(workers: usize) -> Broker {
 }
 
 pub fn start_with(config: Config) -> Broker {
-    let _ = env_logger_init();
     Broker::start(config).expect("broker starts")
-}
-
-fn env_logger_init() -> Result<(), ()> {
-    Ok(())
 }
 
 pub fn pid(n: u16) -> PacketId {
