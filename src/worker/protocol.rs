@@ -524,7 +524,8 @@ impl Worker {
             };
             matched = self.route_view(&m);
         }
-        let reason = if v5 && !matched { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
+        let unmatched = v5 && p.qos != QoS::AtMostOnce && !matched && !self.remote_interest(topic);
+        let reason = if unmatched { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
         match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => self.send(k, &Packet::PubAck(Ack { reason, ..Ack::new(id) })),
             (QoS::ExactlyOnce, Some(id)) => self.send(k, &Packet::PubRec(Ack { reason, ..Ack::new(id) })),
@@ -547,10 +548,9 @@ impl Worker {
 
     /// Routes a message borrowed from a read buffer, copying it into a shared `Message` only if
     /// something must keep it (a peer worker, the retained store, a QoS 1/2 queue). Returns
-    /// whether any subscription matches it, on any worker, as far as this worker knows.
+    /// whether a subscription on this worker matched.
     fn route_view(&mut self, m: &View<'_>) -> bool {
         let mut shared: Option<Arc<Message>> = None;
-        let mut remote = false;
         if self.shared.workers > 1 {
             // Every peer gets every message, so a subscriber acknowledged by SUBACK on any worker
             // receives all that is published after it: no interest table can lag behind.
@@ -560,13 +560,20 @@ impl Worker {
                     self.mail(peer, Mail::Publish(msg.clone()));
                 }
             }
-            self.interest.for_each_match(m.topic, |_, _| remote = true);
         }
         if m.retain {
             let msg = shared.get_or_insert_with(|| m.to_message()).clone();
             self.store_retained(&msg);
         }
-        self.deliver(m, &mut shared) || remote
+        self.deliver(m, &mut shared)
+    }
+
+    /// Whether another worker has a subscriber for `topic`, as far as this worker knows: only for
+    /// the 5.0 "no matching subscribers" hint, so asked only when that answer is about to be sent.
+    fn remote_interest(&self, topic: &str) -> bool {
+        let mut any = false;
+        self.interest.for_each_match(topic, |_, _| any = true);
+        any
     }
 
     pub(super) fn deliver_local(&mut self, msg: &Arc<Message>) {
