@@ -29,6 +29,12 @@ pub struct WorkerStats {
     pub sessions: AtomicU64,
     pub retained: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Routing costs, for `$SYS/broker/internal/`: pushes into peer rings, subscription trie
+    /// walks, wake-ups of sleeping peers, filters announced to peers.
+    pub ring_pushes: AtomicU64,
+    pub trie_walks: AtomicU64,
+    pub wakeups: AtomicU64,
+    pub interest_filters: AtomicU64,
 }
 
 pub struct Shared {

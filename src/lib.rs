@@ -35,6 +35,7 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod ring;
+pub mod router;
 pub mod session;
 pub mod sys;
 pub mod topic;

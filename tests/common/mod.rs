@@ -23,6 +23,7 @@ pub fn start(workers: usize) -> Broker {
 }
 
 pub fn start_with(config: Config) -> Broker {
+    let _ = env_logger::builder().is_test(true).try_init();
     Broker::start(config).expect("broker starts")
 }
 

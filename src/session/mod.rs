@@ -1,5 +1,10 @@
 //! Session state (spec 4.1): what survives a connection of a client that asked for it. Plain data,
-//! owned by the client id's home worker; no I/O here.
+//! owned by the client id's home worker; no I/O here. `flow` is the QoS 1/2 engine over it:
+//! packets and the clock in, packets to write out through an `Outlet`, testable without a socket.
+
+mod flow;
+
+pub use flow::{Offer, Outlet, PubRecOutcome};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -103,8 +108,10 @@ pub struct Session {
     /// Unique on its worker: tells a session from a later one that reuses its slab key.
     pub uid: u64,
     pub client_id: MqttStr,
-    /// Slab key of the connection attached now, if any.
-    pub conn: Option<usize>,
+    /// The connection attached now, if any.
+    pub conn: Option<ConnKey>,
+    /// A timer is armed for this session's will delay or expiry at this time.
+    pub timer_at: Option<Instant>,
     pub version: ProtocolVersion,
     /// Seconds the session outlives its connection: 0 ends it with the connection (3.1.1 clean
     /// session), `NEVER` keeps it (3.1.1 persistent session).
@@ -118,7 +125,7 @@ pub struct Session {
     /// Unacknowledged QoS 1/2 messages we may have out: the lower of our `max_inflight_messages`
     /// and the client's 5.0 receive maximum [MQTT-3.3.4-9].
     pub send_window: usize,
-    next_packet_id: u16,
+    pub(crate) next_packet_id: u16,
     /// QoS 2 packet ids received and not yet released [MQTT-4.3.3-2]: a duplicate PUBLISH with one
     /// of these is acknowledged but not delivered again. Bounded by the receive maximum.
     pub incoming_qos2: HashSet<u16, FixedState>,
@@ -134,6 +141,7 @@ impl Session {
             uid: 0,
             client_id,
             conn: None,
+            timer_at: None,
             version,
             expiry_interval: 0,
             subscriptions: HashMap::default(),
@@ -148,21 +156,6 @@ impl Session {
         }
     }
 
-    /// The next packet id not used by an inflight message [MQTT-2.3.1-2].
-    pub fn next_packet_id(&mut self) -> PacketId {
-        loop {
-            self.next_packet_id = self.next_packet_id.wrapping_add(1);
-            let Some(id) = PacketId::new(self.next_packet_id) else { continue };
-            if !self.inflight.iter().any(|i| i.packet_id == id) {
-                return id;
-            }
-        }
-    }
-
-    pub fn inflight_position(&self, id: PacketId) -> Option<usize> {
-        self.inflight.iter().position(|i| i.packet_id == id)
-    }
-
     /// When the session ends if nobody reconnects, if ever.
     pub fn expires_at(&self) -> Option<Instant> {
         let at = self.disconnected_at?;
@@ -170,31 +163,120 @@ impl Session {
     }
 }
 
+/// A session's key in its home worker's slab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey(pub usize);
+
+/// The key of the connection a session is attached to, in the same worker's connection slab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey(pub usize);
+
+/// Every session homed on one worker, indexed by client id.
+pub struct Sessions {
+    slab: Slab<Session>,
+    by_client: ClientIndex,
+    next_uid: u64,
+    /// Sessions with a connection attached.
+    pub connected: usize,
+}
+
+impl Sessions {
+    pub fn with_capacity(n: usize) -> Sessions {
+        Sessions { slab: Slab::with_capacity(n), by_client: ClientIndex::with_capacity(n), next_uid: 0, connected: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    pub fn find(&self, client_id: &str) -> Option<SessionKey> {
+        self.by_client.get(&self.slab, client_id).map(SessionKey)
+    }
+
+    pub fn insert(&mut self, mut session: Session) -> SessionKey {
+        self.next_uid += 1;
+        session.uid = self.next_uid;
+        let sk = self.slab.insert(session);
+        self.by_client.insert(&self.slab, sk);
+        SessionKey(sk)
+    }
+
+    pub fn remove(&mut self, sk: SessionKey) -> Session {
+        self.by_client.remove(&self.slab, sk.0);
+        let s = self.slab.remove(sk.0);
+        if s.conn.is_some() {
+            self.connected -= 1;
+        }
+        s
+    }
+
+    pub fn get(&self, sk: SessionKey) -> Option<&Session> {
+        self.slab.get(sk.0)
+    }
+
+    pub fn get_mut(&mut self, sk: SessionKey) -> Option<&mut Session> {
+        self.slab.get_mut(sk.0)
+    }
+
+    /// Session `sk` is still the one with `uid`.
+    pub fn is(&self, sk: SessionKey, uid: u64) -> bool {
+        self.slab.get(sk.0).is_some_and(|s| s.uid == uid)
+    }
+
+    /// Attaches or detaches a connection, keeping the connected count.
+    pub fn set_conn(&mut self, sk: SessionKey, conn: Option<ConnKey>) {
+        let s = &mut self.slab[sk.0];
+        match (s.conn.is_some(), conn.is_some()) {
+            (false, true) => self.connected += 1,
+            (true, false) => self.connected -= 1,
+            _ => {}
+        }
+        s.conn = conn;
+    }
+}
+
+impl std::ops::Index<SessionKey> for Sessions {
+    type Output = Session;
+    fn index(&self, k: SessionKey) -> &Session {
+        &self.slab[k.0]
+    }
+}
+
+impl std::ops::IndexMut<SessionKey> for Sessions {
+    fn index_mut(&mut self, k: SessionKey) -> &mut Session {
+        &mut self.slab[k.0]
+    }
+}
+
 /// Client id -> session key, storing only the key: the id itself lives once, in the session.
-pub struct ClientIndex {
+struct ClientIndex {
     table: hashbrown::HashTable<u32>,
     hasher: ahash::RandomState,
 }
 
 impl ClientIndex {
-    pub fn with_capacity(n: usize) -> Self {
+    fn with_capacity(n: usize) -> Self {
         ClientIndex { table: hashbrown::HashTable::with_capacity(n), hasher: ahash::RandomState::new() }
     }
 
-    pub fn get(&self, sessions: &Slab<Session>, client_id: &str) -> Option<usize> {
+    fn get(&self, sessions: &Slab<Session>, client_id: &str) -> Option<usize> {
         let h = self.hasher.hash_one(client_id);
         self.table.find(h, |&sk| sessions[sk as usize].client_id == client_id).map(|&sk| sk as usize)
     }
 
     /// Indexes session `sk`, already in `sessions`, by its client id.
-    pub fn insert(&mut self, sessions: &Slab<Session>, sk: usize) {
+    fn insert(&mut self, sessions: &Slab<Session>, sk: usize) {
         let h = self.hasher.hash_one(sessions[sk].client_id.as_str());
         let hasher = &self.hasher;
         self.table.insert_unique(h, sk as u32, |&k| hasher.hash_one(sessions[k as usize].client_id.as_str()));
     }
 
     /// Forgets session `sk` (call before removing it from `sessions`).
-    pub fn remove(&mut self, sessions: &Slab<Session>, sk: usize) {
+    fn remove(&mut self, sessions: &Slab<Session>, sk: usize) {
         let h = self.hasher.hash_one(sessions[sk].client_id.as_str());
         if let Ok(entry) = self.table.find_entry(h, |&k| k as usize == sk) {
             entry.remove();

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Work per delivered message as the worker count grows. On a 2-core machine more workers cannot
+# add throughput, so this reports what each message costs: broker CPU-seconds per million
+# delivered, and per delivered message the ring pushes, trie walks and wake-ups the broker counts
+# under `$SYS/broker/internal/`. Workers 1, 2, 4, 8, unpinned; each scenario at saturation and at a
+# fixed offered rate. Loopback only; every run is bounded in time.
+#
+#   perf/scaling.sh                         # REPS=3, 3 s per run
+#   REPS=1 WORKERS="1 2" perf/scaling.sh    # a quick look
+#   REPORT_ONLY=1 perf/scaling.sh           # redo SCALING.md from the last results
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-3}
+PORT=${PORT:-18831}
+WORKERS=${WORKERS:-"1 2 4 8"}
+OUT=${OUT:-perf/report/scaling}
+LOAD_CPU=${LOAD_CPU:-1}
+
+if ! command -v mosquitto_sub >/dev/null 2>&1; then
+    echo "installing mosquitto-clients from Debian (the counters are read with mosquitto_sub)"
+    apt-get update -qq && apt-get install -y -qq mosquitto-clients >/dev/null
+fi
+cargo build --release -q -p tern -p tern-loadtest
+LT=target/release/tern-loadtest
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+[ -n "${REPORT_ONLY:-}" ] || : > "$RESULTS"
+WORK=$(mktemp -d)
+trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+BPID=
+
+# name | loadtest arguments; the fixed rate is offered publishes per second.
+SCENARIOS=(
+    "fanout|fanout --subscribers 100 --qos 0|10000"
+    "fanin|fanin --publishers 4 --qos 0|100000"
+    "pairs-qos0|pairs --pairs 50 --qos 0|100000"
+    "pairs-qos1|pairs --pairs 50 --qos 1|50000"
+)
+
+start_broker() {
+    cat > "$WORK/tern.toml" <<CONF
+port = $PORT
+workers = $1
+pin_workers = false
+sys_interval = 1
+log_level = "warn"
+CONF
+    target/release/tern -c "$WORK/tern.toml" &
+    BPID=$!
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "tern did not start" >&2
+    exit 1
+}
+
+stop_broker() {
+    kill "$BPID" 2>/dev/null || true
+    wait "$BPID" 2>/dev/null || true
+    BPID=
+}
+
+# Prints "ring_pushes trie_walks wakeups" as the broker last published them (retained $SYS).
+counters() {
+    # $SYS goes out once a second: wait for the update after the run.
+    sleep 1.5
+    { timeout 10 mosquitto_sub -p "$PORT" -C 3 -W 4 -t '$SYS/broker/internal/+' -v 2>/dev/null || true; } |
+        awk '/ring_pushes/ {p=$2} /trie_walks/ {t=$2} /wakeups/ {w=$2} END {printf "%s %s %s\n", p+0, t+0, w+0}'
+}
+
+for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
+    for entry in "${SCENARIOS[@]}"; do
+        IFS='|' read -r name args rate <<<"$entry"
+        for mode in saturation fixed; do
+            for w in $WORKERS; do
+                echo "== run $rep/$REPS: $name $mode, $w worker(s)"
+                start_broker "$w"
+                before=$(counters)
+                extra=""
+                [ "$mode" = fixed ] && extra="--rate $rate"
+                line=$(mktemp -p "$WORK")
+                # shellcheck disable=SC2086
+                if timeout 120 taskset -c "$LOAD_CPU" "$LT" run $args $extra --port "$PORT" --duration "$DURATION" \
+                    --drain 3 --broker-pid "$BPID" --label "tern-$w" --json "$line" >/dev/null; then :; else
+                    echo "   (run reported loss or failed)"
+                fi
+                after=$(counters)
+                stop_broker
+                [ -s "$line" ] || continue
+                read -r p0 t0 k0 <<<"$before"
+                read -r p1 t1 k1 <<<"$after"
+                jq -c --arg name "$name" --arg mode "$mode" --argjson w "$w" \
+                    --argjson pushes $((p1 - p0)) --argjson walks $((t1 - t0)) --argjson wakeups $((k1 - k0)) \
+                    '. + {name: $name, mode: $mode, workers: $w, ring_pushes: $pushes, trie_walks: $walks, wakeups: $wakeups}' \
+                    "$line" >> "$RESULTS"
+            done
+        done
+    done
+done
+
+python3 - "$RESULTS" "$OUT/SCALING.md" "$REPS" "$DURATION" <<'PY'
+import json, statistics, sys, subprocess, datetime
+results, out, reps, duration = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+rows = {}
+for line in open(results):
+    r = json.loads(line)
+    rows.setdefault((r["name"], r["mode"], r["workers"]), []).append(r)
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")
+lines = []
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+lines.append("# tern: work per message as workers grow")
+lines.append("")
+lines.append(f"Made by `perf/scaling.sh` (REPS={reps}, DURATION={duration} s) on {datetime.date.today()}, tern {commit}, "
+             "2 CPUs, broker unpinned, load generator on CPU 1, 64-byte payloads. Medians over the runs. "
+             "`x1` is CPU per message relative to 1 worker in the same scenario and mode.")
+lines.append("")
+lines.append("| scenario | mode | workers | delivered/s | lost | CPU-s per M delivered | x1 | ring pushes/msg | trie walks/msg | wake-ups/msg |")
+lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+base = {}
+for key in sorted(rows, key=lambda k: (k[0], k[1], k[2])):
+    rs = rows[key]
+    recv = [r["received"] for r in rs]
+    per = lambda f: med([r[f] / r["received"] if r["received"] else None for r in rs])
+    cpu = med([r.get("cpu_s_per_million") for r in rs])
+    if key[2] == 1:
+        base[key[:2]] = cpu
+    ratio = cpu / base[key[:2]] if base.get(key[:2]) else float("nan")
+    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {med([r['throughput'] for r in rs]):,.0f} | {med([r['lost'] for r in rs]):,.0f} "
+                 f"| {cpu:.3f} | {ratio:.2f} | {per('ring_pushes'):.3f} | {per('trie_walks'):.3f} | {per('wakeups'):.4f} |")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+echo "report: $OUT/SCALING.md"

@@ -1,0 +1,173 @@
+//! Where a message goes. Per worker: the subscription trie of its own sessions, the interest of
+//! every other worker (which filters each has subscribers or shared groups for), the retained
+//! store and the shared groups homed here. Pure data: the worker asks, the router answers; it never
+//! sends anything itself.
+//!
+//! Interest is counted per filter: a worker announces a filter to its peers when its first
+//! reason to want it appears (a subscriber, or a shared group homed here) and retracts it when the
+//! last one goes. Peers acknowledge an announcement only after applying it, and a SUBACK waits for
+//! those acknowledgements, so a message published after the SUBACK, on any worker, is routed here.
+
+mod retained;
+mod shared;
+
+pub use retained::RetainedTree;
+pub use shared::{GroupId, Member, SharedGroups};
+
+use hashbrown::HashMap;
+
+use crate::session::Subscription;
+use crate::topic::SubTrie;
+
+#[derive(Default)]
+pub struct Router {
+    /// filter -> (session key, subscription) of this worker's sessions.
+    subs: SubTrie<u32, Subscription>,
+    /// filter -> peer workers that want it.
+    peers: SubTrie<u16, ()>,
+    /// Why this worker wants each filter it announced: subscribed sessions count once per
+    /// filter, each shared group homed here once.
+    announced: HashMap<Box<str>, u32, ahash::RandomState>,
+    pub retained: RetainedTree,
+    pub groups: SharedGroups,
+    /// Dedup scratch for `peers_matching`: `seen[w] == round` marks a peer already listed.
+    seen: Vec<u64>,
+    round: u64,
+    /// Trie walks so far (local, peers, shared), for `$SYS/broker/internal/trie_walks`.
+    pub walks: u64,
+}
+
+/// What a local subscription change means for peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The session already had this filter (5.0 retain handling 1 asks).
+    pub existed: bool,
+    /// The filter is new to this worker: announce it and wait for the peers' acknowledgements.
+    pub announce: bool,
+}
+
+impl Router {
+    pub fn new(workers: usize) -> Router {
+        Router { seen: vec![0; workers], ..Default::default() }
+    }
+
+    /// Subscriptions held by this worker's sessions.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Filters this worker has announced: the size of every peer's interest table due to it.
+    pub fn announced_count(&self) -> usize {
+        self.announced.len()
+    }
+
+    pub fn subscribe(&mut self, filter: &str, session: u32, sub: Subscription) -> Subscribed {
+        let existed = self.subs.insert(filter, session, sub).ok().flatten().is_some();
+        let announce = !existed && self.subs.count_at(filter) == 1 && self.want(filter);
+        Subscribed { existed, announce }
+    }
+
+    /// Returns true when the filter should now be retracted from the peers.
+    pub fn unsubscribe(&mut self, filter: &str, session: u32) -> bool {
+        self.subs.remove(filter, &session).is_some() && self.subs.count_at(filter) == 0 && self.unwant(filter)
+    }
+
+    /// One more reason to want `filter`; true when it is the first (announce it).
+    pub fn want(&mut self, filter: &str) -> bool {
+        let n = self.announced.entry_ref(filter).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// One reason fewer; true when it was the last (retract it).
+    pub fn unwant(&mut self, filter: &str) -> bool {
+        match self.announced.get_mut(filter) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.announced.remove(filter);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A peer announced or retracted a filter.
+    pub fn peer_interest(&mut self, filter: &str, worker: u16, present: bool) {
+        if present {
+            let _ = self.peers.insert(filter, worker, ());
+        } else {
+            self.peers.remove(filter, &worker);
+        }
+    }
+
+    /// This worker's subscriptions matching `topic`, appended to `out`.
+    pub fn local_matches(&mut self, topic: &str, out: &mut Vec<(u32, Subscription)>) {
+        if self.subs.is_empty() {
+            return;
+        }
+        self.walks += 1;
+        self.subs.for_each_match(topic, |&sk, &sub| out.push((sk, sub)));
+    }
+
+    /// The peers that want `topic`, each once, appended to `out`.
+    pub fn peers_matching(&mut self, topic: &str, out: &mut Vec<u16>) {
+        if self.peers.is_empty() {
+            return;
+        }
+        self.walks += 1;
+        self.round += 1;
+        let (seen, round) = (&mut self.seen, self.round);
+        self.peers.for_each_match(topic, |&w, _| {
+            if seen[w as usize] != round {
+                seen[w as usize] = round;
+                out.push(w);
+            }
+        });
+    }
+
+    /// The shared groups homed here that match `topic`.
+    pub fn groups_matching(&mut self, topic: &str, out: &mut Vec<GroupId>) {
+        if !self.groups.is_empty() {
+            self.walks += 1;
+            self.groups.matching(topic, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_is_announced_once_for_all_its_reasons_and_retracted_with_the_last() {
+        let mut r = Router::new(2);
+        let sub = Subscription::default();
+        assert_eq!(r.subscribe("a/+", 1, sub), Subscribed { existed: false, announce: true });
+        assert_eq!(r.subscribe("a/+", 2, sub), Subscribed { existed: false, announce: false });
+        assert_eq!(r.subscribe("a/+", 2, sub), Subscribed { existed: true, announce: false });
+        assert!(!r.want("a/+"), "a shared group on the same filter adds a reason, not an announcement");
+        assert!(!r.unsubscribe("a/+", 1));
+        assert!(!r.unsubscribe("a/+", 2), "the group still wants it");
+        assert!(r.unwant("a/+"));
+        assert_eq!(r.announced_count(), 0);
+    }
+
+    #[test]
+    fn peers_are_listed_once_per_message_however_many_filters_match() {
+        let mut r = Router::new(4);
+        r.peer_interest("a/#", 1, true);
+        r.peer_interest("a/b", 1, true);
+        r.peer_interest("+/b", 3, true);
+        let mut out = vec![];
+        r.peers_matching("a/b", &mut out);
+        out.sort();
+        assert_eq!(out, [1, 3]);
+        out.clear();
+        r.peer_interest("+/b", 3, false);
+        r.peers_matching("a/b", &mut out);
+        assert_eq!(out, [1]);
+    }
+}

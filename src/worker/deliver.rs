@@ -1,0 +1,315 @@
+//! Routing and delivery. A message goes to the peers whose interest matches its topic (every peer
+//! when it is retained: each keeps a replica of the retained store), to this worker's matching
+//! sessions and to the shared groups homed here. QoS 0 is encoded once per protocol family and
+//! copied into each subscriber's output; QoS 1/2 go through each session's flow engine.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::conn::{custom_properties, ConnOutlet};
+use super::mailbox::Mail;
+use super::Worker;
+use crate::codec::{MqttStr, Properties, PublishHeader, QoS};
+use crate::router::GroupId;
+use crate::session::{Delivery, GroupKey, Message, Offer, SessionKey};
+
+/// A message being routed, borrowed from wherever it is: the read buffer or a shared `Message`.
+pub struct View<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<&'a Properties>,
+    pub origin: Option<(u16, u32)>,
+    pub expires_at: Option<Instant>,
+}
+
+impl View<'_> {
+    fn to_message(&self) -> Arc<Message> {
+        Arc::new(Message {
+            topic: MqttStr::from(self.topic),
+            payload: Bytes::copy_from_slice(self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties.map(|p| Box::new(p.clone())),
+            origin: self.origin,
+            expires_at: self.expires_at,
+        })
+    }
+}
+
+fn view(m: &Message) -> View<'_> {
+    View {
+        topic: &m.topic,
+        payload: &m.payload,
+        qos: m.qos,
+        retain: m.retain,
+        properties: m.properties.as_deref(),
+        origin: m.origin,
+        expires_at: m.expires_at,
+    }
+}
+
+impl Worker {
+    /// Routes a message that already is shared (a will, `$SYS`).
+    pub(super) fn route(&mut self, msg: Arc<Message>) {
+        self.route_view(&view(&msg), Some(msg.clone()));
+    }
+
+    /// Routes a message borrowed from a read buffer, copying it into a shared `Message` only if
+    /// something must keep it (a peer, the retained store, a QoS 1/2 queue). Returns whether any
+    /// subscription anywhere matched, as far as this worker knows (the 5.0 0x10 hint).
+    pub(super) fn route_view(&mut self, m: &View<'_>, mut shared: Option<Arc<Message>>) -> bool {
+        let mut peers = std::mem::take(&mut self.scratch.peers);
+        peers.clear();
+        if m.retain {
+            peers.extend(self.mailbox.peers().map(|p| p as u16));
+            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            self.store_retained(&msg);
+        } else {
+            self.router.peers_matching(m.topic, &mut peers);
+        }
+        let remote = !peers.is_empty();
+        for &p in &peers {
+            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            self.mailbox.send(p as usize, Mail::Publish(msg));
+        }
+        self.scratch.peers = peers;
+        self.deliver(m, &mut shared) || remote
+    }
+
+    pub(super) fn deliver_local(&mut self, msg: &Arc<Message>) {
+        let mut shared = Some(msg.clone());
+        self.deliver(&view(msg), &mut shared);
+    }
+
+    /// [MQTT-3.3.5-1]: to every matching subscription on this worker, once per session at the
+    /// highest granted QoS with every matching subscription identifier, at min(published, granted)
+    /// QoS; and to one member of each matching shared group homed here. Returns whether anything
+    /// matched.
+    fn deliver(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
+        let now = self.clock.now;
+        if m.expires_at.is_some_and(|t| t <= now) {
+            return true;
+        }
+        let groups_matched = self.deliver_shared(m, shared);
+        let mut matches = std::mem::take(&mut self.scratch.matches);
+        matches.clear();
+        self.router.local_matches(m.topic, &mut matches);
+        if matches.is_empty() {
+            self.scratch.matches = matches;
+            return groups_matched;
+        }
+        // Group each session's subscriptions; one filter's subscribers are already distinct.
+        if matches.len() > 1 && !matches.windows(2).all(|w| w[0].0 < w[1].0) {
+            matches.sort_unstable_by_key(|&(sk, _)| sk);
+        }
+        let mut enc = std::mem::take(&mut self.scratch.encoded);
+        enc.clear();
+        let mut cached: [Option<(usize, usize)>; 2] = [None, None];
+        let mut ids: Vec<u32> = Vec::new();
+        let max_out = self.shared.config.max_output_bytes;
+        let mut i = 0;
+        while i < matches.len() {
+            // Merge every subscription of one session.
+            let sk = matches[i].0;
+            let mut o = matches[i].1.options;
+            ids.clear();
+            let mut j = i;
+            while j < matches.len() && matches[j].0 == sk {
+                let sub = matches[j].1;
+                o.qos = o.qos.max(sub.options.qos);
+                o.retain_as_published |= sub.options.retain_as_published;
+                o.no_local &= sub.options.no_local;
+                if sub.identifier != 0 {
+                    ids.push(sub.identifier);
+                }
+                j += 1;
+            }
+            i = j;
+            if o.no_local && m.origin == Some((self.id as u16, sk)) {
+                continue; // [MQTT-3.8.3-3]
+            }
+            let sk = SessionKey(sk as usize);
+            let qos = m.qos.min(o.qos);
+            // [MQTT-3.3.1-9]: forwarded with retain cleared, unless 5.0 retain-as-published.
+            let retain = m.retain && o.retain_as_published;
+            if qos != QoS::AtMostOnce {
+                let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+                self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None });
+                continue;
+            }
+            let s = &self.sessions[sk];
+            let Some(ck) = s.conn else { continue }; // QoS 0 is not kept for offline sessions
+            let c = &mut self.conns[ck];
+            if c.wbuf.len() >= max_out {
+                self.counters.publish_dropped += 1;
+                continue;
+            }
+            let v5 = s.version.is_v5();
+            let custom = if v5 { custom_properties(m.properties, m.expires_at, &ids, now) } else { None };
+            let header = PublishHeader {
+                dup: false,
+                qos,
+                retain,
+                topic: m.topic,
+                packet_id: None,
+                properties: custom.as_ref().or(m.properties),
+            };
+            if retain || custom.is_some() || c.out_aliases.is_some() {
+                if c.write_publish(s.version, &header, m.payload) {
+                    self.counters.messages_sent += 1;
+                }
+            } else {
+                let (start, end) = *cached[v5 as usize].get_or_insert_with(|| {
+                    let start = enc.len();
+                    header.encode(s.version, m.payload.len(), &mut enc);
+                    enc.extend_from_slice(m.payload);
+                    (start, enc.len())
+                });
+                if end - start > c.max_packet_out {
+                    continue;
+                }
+                c.wbuf.extend_from_slice(&enc[start..end]);
+                self.counters.messages_sent += 1;
+            }
+            self.mark_dirty(ck);
+        }
+        self.scratch.encoded = enc;
+        self.scratch.matches = matches;
+        true
+    }
+
+    /// Shared subscriptions homed on this worker: each matching group sends the message to one
+    /// member, in turn.
+    fn deliver_shared(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
+        let mut groups = std::mem::take(&mut self.scratch.groups);
+        groups.clear();
+        self.router.groups_matching(m.topic, &mut groups);
+        for &g in &groups {
+            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            self.deliver_to_group(g, msg);
+        }
+        let any = !groups.is_empty();
+        self.scratch.groups = groups;
+        any
+    }
+
+    /// Picks the next member of group `g` (round robin) and hands it the message.
+    fn deliver_to_group(&mut self, g: GroupId, msg: Arc<Message>) {
+        let Some((member, key)) = self.router.groups.pick(g) else { return };
+        let key = Box::new(key.clone());
+        let qos = msg.qos.min(member.sub.options.qos);
+        let ids = if member.sub.identifier != 0 { vec![member.sub.identifier] } else { vec![] };
+        let retain = msg.retain && member.sub.options.retain_as_published;
+        let d = Delivery { msg, qos, retain, sub_ids: ids, group: Some(key) };
+        if member.worker as usize == self.id {
+            let sk = SessionKey(member.session as usize);
+            if self.sessions.is(sk, member.session_uid) {
+                self.deliver_one(sk, d);
+            }
+        } else {
+            let m = Mail::SharedDeliver { session: member.session, uid: member.session_uid, delivery: d };
+            self.mailbox.send(member.worker as usize, m);
+        }
+    }
+
+    /// A message of a shared group whose member went away unacknowledged: to another member.
+    pub(super) fn redeliver_shared(&mut self, key: GroupKey, msg: Arc<Message>) {
+        let home = self.shared.home_of_group(&key.0, &key.1);
+        if home != self.id {
+            self.mailbox.send(home, Mail::SharedRedeliver { key: Box::new(key), msg });
+        } else if let Some(g) = self.router.groups.find(&key) {
+            self.deliver_to_group(g, msg);
+        }
+    }
+
+    /// One delivery to one session on this worker (shared subscriptions, retained messages).
+    pub(super) fn deliver_one(&mut self, sk: SessionKey, d: Delivery) {
+        if self.sessions.get(sk).is_none() {
+            if let Some(g) = d.group {
+                self.redeliver_shared(*g, d.msg);
+            }
+            return;
+        }
+        if d.qos != QoS::AtMostOnce {
+            return self.offer(sk, d);
+        }
+        let s = &self.sessions[sk];
+        let Some(ck) = s.conn else { return };
+        let v = s.version;
+        let c = &mut self.conns[ck];
+        if c.wbuf.len() >= self.shared.config.max_output_bytes {
+            self.counters.publish_dropped += 1;
+            return;
+        }
+        if c.write_delivery(v, &d, None, false, self.clock.now) {
+            self.counters.messages_sent += 1;
+        }
+        self.mark_dirty(ck);
+    }
+
+    /// A QoS 1/2 message for a session: sent now if its window and output have room, else queued
+    /// up to `max_queued_messages`, else dropped and counted.
+    fn offer(&mut self, sk: SessionKey, d: Delivery) {
+        let max_queued = self.shared.config.max_queued_messages;
+        let s = &mut self.sessions[sk];
+        let offer = match s.conn {
+            Some(ck) => {
+                let mut out = ConnOutlet {
+                    conn: &mut self.conns[ck],
+                    version: s.version,
+                    max_output: self.shared.config.max_output_bytes,
+                    now: self.clock.now,
+                    sent: 0,
+                };
+                let offer = s.offer(d, self.clock.now, max_queued, Some(&mut out));
+                if offer == Offer::Sent {
+                    self.counters.messages_sent += out.sent;
+                    self.mark_dirty(ck);
+                }
+                offer
+            }
+            None => s.offer(d, self.clock.now, max_queued, None),
+        };
+        if offer == Offer::Dropped {
+            self.counters.publish_dropped += 1;
+        }
+    }
+
+    /// Sends a session's queued messages while its window and its connection's output have room.
+    pub(super) fn pump(&mut self, sk: SessionKey) {
+        let Some(s) = self.sessions.get_mut(sk) else { return };
+        let Some(ck) = s.conn else { return };
+        let mut out = ConnOutlet {
+            conn: &mut self.conns[ck],
+            version: s.version,
+            max_output: self.shared.config.max_output_bytes,
+            now: self.clock.now,
+            sent: 0,
+        };
+        s.pump(self.clock.now, &mut out);
+        let wrote = !out.conn.wbuf.is_empty();
+        self.counters.messages_sent += out.sent;
+        if wrote {
+            self.mark_dirty(ck);
+        }
+    }
+
+    pub(super) fn store_retained(&mut self, msg: &Arc<Message>) {
+        let retained = &mut self.router.retained;
+        if msg.payload.is_empty() {
+            // [MQTT-3.3.1-10]/[MQTT-3.3.1-11]: an empty retained message clears the topic.
+            retained.remove(&msg.topic);
+        } else if retained.len() >= self.shared.config.max_retained_messages && !retained.contains(&msg.topic) {
+            self.counters.publish_dropped += 1;
+            if self.id == 0 {
+                log::warn!("max_retained_messages reached: not retaining {}", msg.topic);
+            }
+        } else {
+            retained.insert(msg.clone());
+        }
+    }
+}

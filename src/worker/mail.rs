@@ -1,0 +1,66 @@
+//! What a worker does with the mail its peers sent: messages to deliver, connections handed over,
+//! interest announcements (acknowledged once applied), shared group membership and deliveries.
+
+use super::mailbox::{Mail, Then};
+use super::Worker;
+use crate::session::SessionKey;
+
+impl Worker {
+    /// Takes and handles the mail that is in the rings now.
+    pub(super) fn take_mail(&mut self) {
+        let mut mail = std::mem::take(&mut self.scratch.mail);
+        self.mailbox.take(&mut mail);
+        for m in mail.drain(..) {
+            self.on_mail(m);
+        }
+        self.scratch.mail = mail;
+    }
+
+    fn on_mail(&mut self, mail: Mail) {
+        match mail {
+            Mail::Publish(msg) => {
+                if msg.retain {
+                    self.store_retained(&msg);
+                }
+                self.deliver_local(&msg);
+            }
+            Mail::Handover(h) => self.take_handover(*h),
+            Mail::Interest { filters, worker, present, ticket } => {
+                for f in &filters {
+                    self.router.peer_interest(f, worker, present);
+                }
+                if let Some(ticket) = ticket {
+                    self.mailbox.send(worker as usize, Mail::Ack { ticket });
+                }
+            }
+            Mail::Ack { ticket } => {
+                if let Some(then) = self.pending.ack(ticket) {
+                    self.finish(then);
+                }
+            }
+            Mail::SharedJoin { key, member, ticket } => {
+                let reply = Then::Ack { worker: member.worker, ticket };
+                let filter = key.1.clone();
+                if self.router.groups.join(*key, member) && self.router.want(&filter) && self.mailbox.peer_count() > 0 {
+                    // A new group: its filter must be of interest everywhere before the member's
+                    // SUBACK goes out.
+                    let mine = self.pending.start(self.mailbox.peer_count(), reply);
+                    self.announce(vec![filter], true, Some(mine));
+                } else {
+                    self.finish(reply);
+                }
+            }
+            Mail::SharedLeave { key, worker, session } => self.leave_group(&key, worker, session),
+            Mail::SharedDeliver { session, uid, delivery } => {
+                let sk = SessionKey(session as usize);
+                if self.sessions.is(sk, uid) {
+                    self.deliver_one(sk, delivery);
+                } else if let Some(g) = delivery.group {
+                    // The member left before this arrived: to someone still in the group.
+                    self.redeliver_shared(*g, delivery.msg);
+                }
+            }
+            Mail::SharedRedeliver { key, msg } => self.redeliver_shared(*key, msg),
+        }
+    }
+}

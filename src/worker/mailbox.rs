@@ -1,0 +1,227 @@
+//! The mailbox between workers: what one worker sends another (`Mail`), the rings it goes
+//! through, the bounded overflow kept while a peer's ring is full, and wake-ups batched to at
+//! most one per sleep of a peer. Also the operations waiting for peers' acknowledgements
+//! (`Pending`): a SUBSCRIBE that announced a new filter completes only once every peer applied it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use mio::net::TcpStream;
+use slab::Slab;
+
+use super::conn::ConnKey;
+use crate::broker::Shared;
+use crate::codec::{Connect, MqttStr, SubAck};
+use crate::ring::{Consumer, Producer};
+use crate::router::Member;
+use crate::session::{Delivery, GroupKey, Message, SessionKey, Subscription};
+
+/// Messages a worker holds for a peer whose ring is full, before it drops (and counts) them.
+pub const OVERFLOW_LIMIT: usize = 64 * 1024;
+
+/// A ticket for an operation waiting on peers: (the waiting worker's index into its `Pending`).
+pub type Ticket = u32;
+
+/// What one worker sends another.
+pub enum Mail {
+    /// A message to deliver to the receiver's matching sessions (and, retained, to store).
+    Publish(Arc<Message>),
+    /// A connection whose client id lives on the receiving worker.
+    Handover(Box<Handover>),
+    /// The sender now wants (or no longer wants) messages matching these filters. With a ticket,
+    /// the receiver answers `Ack` once it has applied them.
+    Interest { filters: Vec<MqttStr>, worker: u16, present: bool, ticket: Option<Ticket> },
+    /// Answers an `Interest` or a `SharedJoin` that carried a ticket.
+    Ack { ticket: Ticket },
+    /// To a shared group's home worker: a session joins; answered with `Ack` once the group's
+    /// filter is of interest everywhere.
+    SharedJoin { key: Box<GroupKey>, member: Member, ticket: Ticket },
+    /// To a shared group's home worker: a session leaves the group.
+    SharedLeave { key: Box<GroupKey>, worker: u16, session: u32 },
+    /// From a shared group's home worker: deliver this to the chosen member, if it is still the
+    /// session with `uid`.
+    SharedDeliver { session: u32, uid: u64, delivery: Delivery },
+    /// To a shared group's home worker: a member went away without acknowledging this.
+    SharedRedeliver { key: Box<GroupKey>, msg: Arc<Message> },
+}
+
+/// A connection moving to the worker that is home to its client id, with its parsed CONNECT and
+/// the bytes read after it.
+pub struct Handover {
+    pub stream: TcpStream,
+    pub rest: BytesMut,
+    pub connect: Box<Connect>,
+    pub assigned_id: bool,
+    pub created: Instant,
+}
+
+/// One worker's ends of the rings, and what it owes each peer.
+pub struct Mailbox {
+    id: usize,
+    outbox: Vec<Option<Producer<Mail>>>,
+    inbox: Vec<Option<Consumer<Mail>>>,
+    overflow: Vec<VecDeque<Mail>>,
+    wake: Vec<bool>,
+    /// Pushes into rings, and wake-ups sent, for `$SYS/broker/internal/`.
+    pub pushes: u64,
+    pub wakeups: u64,
+    /// Mail dropped past `OVERFLOW_LIMIT`.
+    pub dropped: u64,
+    /// Handed-over connections dropped past `OVERFLOW_LIMIT`, not yet taken off the broker's
+    /// connection count.
+    pub lost_connections: usize,
+}
+
+impl Mailbox {
+    pub fn new(id: usize, outbox: Vec<Option<Producer<Mail>>>, inbox: Vec<Option<Consumer<Mail>>>) -> Mailbox {
+        let n = outbox.len();
+        Mailbox {
+            id,
+            outbox,
+            inbox,
+            overflow: (0..n).map(|_| VecDeque::new()).collect(),
+            wake: vec![false; n],
+            pushes: 0,
+            wakeups: 0,
+            dropped: 0,
+            lost_connections: 0,
+        }
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = usize> + '_ {
+        let id = self.id;
+        (0..self.outbox.len()).filter(move |&p| p != id)
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.outbox.len().saturating_sub(1)
+    }
+
+    /// Sends mail to a peer; kept in order behind mail that already waits for room.
+    pub fn send(&mut self, to: usize, mail: Mail) {
+        if self.overflow[to].is_empty() {
+            let Some(p) = self.outbox[to].as_mut() else { return };
+            match p.push(mail) {
+                Ok(()) => {
+                    self.pushes += 1;
+                    self.wake[to] = true;
+                }
+                Err(mail) => self.hold(to, mail),
+            }
+        } else {
+            self.hold(to, mail);
+        }
+    }
+
+    fn hold(&mut self, to: usize, mail: Mail) {
+        if self.overflow[to].len() >= OVERFLOW_LIMIT {
+            if let Mail::Handover(h) = &mail {
+                log::warn!(
+                    "worker {}: peer {to} saturated, refusing a connection from {:?}",
+                    self.id,
+                    h.stream.peer_addr()
+                );
+                self.lost_connections += 1;
+            }
+            self.dropped += 1;
+            return;
+        }
+        self.overflow[to].push_back(mail);
+    }
+
+    /// A peer's ring is full and mail waits for it: the worker stops reading its sockets until it
+    /// drains, so publishers feel TCP backpressure instead of the overflow growing.
+    pub fn backlogged(&self) -> bool {
+        self.overflow.iter().any(|o| !o.is_empty())
+    }
+
+    /// Moves held mail into rings that have room again.
+    pub fn send_overflow(&mut self) {
+        for to in 0..self.overflow.len() {
+            while let Some(mail) = self.overflow[to].pop_front() {
+                let Some(p) = self.outbox[to].as_mut() else { break };
+                match p.push(mail) {
+                    Ok(()) => {
+                        self.pushes += 1;
+                        self.wake[to] = true;
+                    }
+                    Err(mail) => {
+                        self.overflow[to].push_front(mail);
+                        self.wake[to] = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes the peers this turn sent mail to, if they sleep: one eventfd write per sleep of a
+    /// peer, however much mail it gets.
+    pub fn wake_peers(&mut self, shared: &Shared) {
+        for to in 0..self.wake.len() {
+            if std::mem::take(&mut self.wake[to]) && shared.parking[to].needs_wake() {
+                self.wakeups += 1;
+                let _ = shared.wakers[to].wake();
+            }
+        }
+    }
+
+    pub fn inbox_empty(&self) -> bool {
+        self.inbox.iter().flatten().all(|c| c.is_empty())
+    }
+
+    /// Takes the mail that is in the rings now (not what arrives while it is handled, so I/O is
+    /// not starved), in order per sender.
+    pub fn take(&mut self, into: &mut Vec<Mail>) {
+        for c in self.inbox.iter_mut().flatten() {
+            let n = c.len();
+            for _ in 0..n {
+                match c.pop() {
+                    Some(m) => into.push(m),
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+/// What completes when every acknowledgement an operation waits for has arrived.
+pub enum Then {
+    /// Send the SUBACK and the matching retained messages, then handle the connection's next
+    /// packets.
+    SubAck {
+        conn: ConnKey,
+        conn_uid: u64,
+        session: SessionKey,
+        ack: Box<SubAck>,
+        retained: Vec<(MqttStr, Subscription)>,
+    },
+    /// Acknowledge a peer's ticket (a shared group join whose filter is now announced).
+    Ack { worker: u16, ticket: Ticket },
+}
+
+struct Op {
+    waiting: usize,
+    then: Then,
+}
+
+/// Operations waiting for peers' acknowledgements.
+#[derive(Default)]
+pub struct Pending {
+    ops: Slab<Op>,
+}
+
+impl Pending {
+    pub fn start(&mut self, waiting: usize, then: Then) -> Ticket {
+        self.ops.insert(Op { waiting, then }) as Ticket
+    }
+
+    /// One acknowledgement for `ticket`; returns what completes when it was the last.
+    pub fn ack(&mut self, ticket: Ticket) -> Option<Then> {
+        let op = self.ops.get_mut(ticket as usize)?;
+        op.waiting -= 1;
+        (op.waiting == 0).then(|| self.ops.remove(ticket as usize).then)
+    }
+}
