@@ -51,6 +51,8 @@ pub struct Shared {
     pub hasher: ahash::RandomState,
     pub started: Instant,
     pub clients_maximum: AtomicU64,
+    /// A worker died (a panic or an I/O error of its poll): the broker stops and exits non-zero.
+    pub failed: AtomicBool,
 }
 
 impl Shared {
@@ -124,6 +126,7 @@ impl Broker {
             hasher: ahash::RandomState::new(),
             started: Instant::now(),
             clients_maximum: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
             config,
         });
         let cores = if shared.config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { vec![] };
@@ -138,10 +141,24 @@ impl Broker {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let mut w = Worker::new(id, shared, poll, listener, outbox, inbox);
-                if let Err(e) = w.run() {
-                    log::error!("worker {id} stopped: {e}");
-                }
+                let stopper = Stopper(shared.clone());
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    Worker::new(id, shared, poll, listener, outbox, inbox).run()
+                }));
+                let why = match run {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into()),
+                };
+                // One worker's clients cannot be served any more: stop them all, loudly, rather
+                // than run on with part of the broker missing.
+                log::error!("worker {id} died ({why}): stopping the broker");
+                stopper.0.failed.store(true, Ordering::SeqCst);
+                stopper.stop();
             })?;
             threads.push(t);
         }
@@ -155,7 +172,7 @@ impl Broker {
 
     /// Whether every worker thread is still running (none has died of a panic).
     pub fn is_healthy(&self) -> bool {
-        self.threads.iter().all(|t| !t.is_finished())
+        !self.shared.failed.load(Ordering::SeqCst) && self.threads.iter().all(|t| !t.is_finished())
     }
 
     /// A handle that can stop the broker from another thread (a signal handler's thread).
@@ -164,16 +181,18 @@ impl Broker {
     }
 
     /// Stops accepting, publishes the wills of connected clients, flushes, and joins the workers.
-    pub fn shutdown(self) {
+    pub fn shutdown(self) -> bool {
         self.stopper().stop();
-        self.join();
+        self.join()
     }
 
-    /// Waits for the workers to exit (after a `Stopper::stop`).
-    pub fn join(self) {
+    /// Waits for the workers to exit (after a `Stopper::stop`). Returns false if any of them
+    /// died rather than stopped.
+    pub fn join(self) -> bool {
         for t in self.threads {
             let _ = t.join();
         }
+        !self.shared.failed.load(Ordering::SeqCst)
     }
 }
 

@@ -78,7 +78,10 @@ fn main() -> ExitCode {
             stopper.stop();
         }
     });
-    broker.join();
+    if !broker.join() {
+        log::error!("stopped after a worker failure");
+        return ExitCode::FAILURE;
+    }
     log::info!("bye");
     ExitCode::SUCCESS
 }

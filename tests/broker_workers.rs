@@ -1,0 +1,269 @@
+//! The multi-worker broker: routing by interest keeps the SUBACK promise across workers, shutdown
+//! survives a takeover storm, and a SUBSCRIBE costs what it matches, not the retained store's size.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use tern::codec::*;
+
+/// Spec 3.8.4: once a client has its SUBACK, messages published to a matching
+/// topic are delivered to it. With routing by interest the worker that receives the PUBLISH must
+/// already know of the new subscriber: the SUBACK waits for every peer to acknowledge it.
+#[test]
+fn a_suback_means_publishes_from_any_worker_arrive_1000_rounds() {
+    let b = start(4);
+    let addr = b.local_addr();
+    let (mut sub, _) = Client::connect(addr, "order-sub", true);
+    // Eight publishers: their sessions live on different workers (homes are hashed client ids).
+    let mut pubs: Vec<Client> = (0..8).map(|i| Client::connect(addr, &format!("order-pub-{i}"), true).0).collect();
+    for round in 0..1000 {
+        let topic = format!("order/{round}");
+        assert_eq!(sub.subscribe(&topic, QoS::AtLeastOnce), ReasonCode::GRANTED_QOS_1);
+        pubs[round % 8].publish(&topic, format!("m{round}"), QoS::AtLeastOnce, false);
+        let m = sub.recv_publish();
+        assert_eq!(m.topic, topic.as_str(), "round {round}");
+        sub.ack(&m);
+        // Unsubscribing retracts the filter everywhere; the next round announces a new one.
+        let id = sub.id();
+        let u = Unsubscribe { packet_id: id, filters: vec![topic.as_str().into()], properties: Properties::default() };
+        sub.send(&Packet::Unsubscribe(Box::new(u)));
+        sub.recv_where(|p| matches!(p, Packet::UnsubAck(a) if a.packet_id == id));
+    }
+    assert!(b.is_healthy());
+    assert!(b.shutdown());
+}
+
+#[test]
+fn a_message_goes_only_to_workers_that_want_it_and_shared_groups_still_get_theirs() {
+    let b = start(4);
+    let addr = b.local_addr();
+    let (mut shared_a, _) = Client::connect_v(addr, "grp-a", true, ProtocolVersion::V5);
+    let (mut shared_b, _) = Client::connect_v(addr, "grp-b", true, ProtocolVersion::V5);
+    shared_a.subscribe("$share/g/jobs/#", QoS::AtLeastOnce);
+    shared_b.subscribe("$share/g/jobs/#", QoS::AtLeastOnce);
+    let (mut p, _) = Client::connect(addr, "grp-pub", true);
+    for i in 0..20 {
+        p.publish(&format!("jobs/{i}"), "x", QoS::AtLeastOnce, false);
+    }
+    let mut got = 0;
+    for c in [&mut shared_a, &mut shared_b] {
+        while let Some(pk) = c.try_recv(Duration::from_millis(500)) {
+            if let Packet::Publish(m) = pk {
+                c.ack(&m);
+                got += 1;
+            }
+        }
+    }
+    assert_eq!(got, 20, "each message to exactly one member of the group (spec 4.8.2)");
+    b.shutdown();
+}
+
+/// One connection of the storm: its id, whether it got CONNACK, what it saw until EOF.
+struct Seen {
+    connected: bool,
+    disconnect: Option<ReasonCode>,
+}
+
+fn connect5_with_will(id: &str, generation: usize) -> Connect {
+    let mut c = Connect::new(id);
+    c.protocol = ProtocolVersion::V5;
+    c.will = Some(Will {
+        topic: format!("will/{id}").as_str().into(),
+        payload: Bytes::from(format!("{id}:{generation}")),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    c
+}
+
+/// Connects and waits for CONNACK; returns the stream (to read to EOF later) if accepted.
+fn storm_connect(addr: SocketAddr, id: &str, generation: usize) -> Option<(TcpStream, BytesMut)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    let mut out = BytesMut::new();
+    Packet::Connect(Box::new(connect5_with_will(id, generation))).encode(ProtocolVersion::V5, &mut out);
+    s.write_all(&out).ok()?;
+    s.set_read_timeout(Some(DEADLINE)).ok()?;
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Ok(Some(p)) = decode(&mut buf, Some(ProtocolVersion::V5), 1 << 20) {
+            return match p {
+                Packet::ConnAck(a) if a.code == ReasonCode::SUCCESS => Some((s, buf)),
+                _ => None,
+            };
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Everything left on an accepted connection, to EOF.
+fn read_to_end(mut s: TcpStream, mut buf: BytesMut) -> Seen {
+    let mut chunk = [0u8; 4096];
+    let mut disconnect = None;
+    loop {
+        while let Ok(Some(p)) = decode(&mut buf, Some(ProtocolVersion::V5), 1 << 20) {
+            if let Packet::Disconnect(d) = p {
+                disconnect = Some(d.reason);
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return Seen { connected: true, disconnect },
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// 64 client ids connected, 1,000 takeover CONNECTs from four threads, SIGTERM in the middle of
+/// them, 4 workers; 50 times. The real binary must exit 0 without a panic, every accepted 5.0
+/// connection must get a DISCONNECT (0x8E taken over or 0x8B shutting down), and no will may be
+/// published twice.
+#[test]
+fn shutdown_in_a_takeover_storm_exits_cleanly_50_times() {
+    for run in 0..50 {
+        let mut broker = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["-p", "0", "--workers", "4"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tern starts");
+        let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
+        let addr: SocketAddr = loop {
+            let line = lines.next().expect("tern logs its address").unwrap();
+            if let Some(rest) = line.split(" listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in lines.map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            })
+        };
+        let (mut watcher, _) = Client::connect(addr, "storm-watcher", true);
+        watcher.subscribe("will/#", QoS::AtLeastOnce);
+        let first: Vec<_> = (0..64).filter_map(|i| storm_connect(addr, &format!("c{i}"), 0)).collect();
+        assert_eq!(first.len(), 64);
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let started = started.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    for n in 0..250 {
+                        started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let generation = 1 + t * 250 + n;
+                        if let Some(s) = storm_connect(addr, &format!("c{}", generation % 64), generation) {
+                            kept.push(s);
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        while started.load(std::sync::atomic::Ordering::Relaxed) < 500 {
+            std::thread::yield_now();
+        }
+        Command::new("kill").args(["-TERM", &broker.id().to_string()]).status().unwrap();
+        let kept: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        // Wills received by the watcher until the broker closed it.
+        let mut wills: HashMap<Vec<u8>, usize> = HashMap::new();
+        for p in watcher.expect_closed() {
+            if let Packet::Publish(m) = p {
+                *wills.entry(m.payload.to_vec()).or_default() += 1;
+            }
+        }
+        let status = broker.wait().unwrap();
+        log_reader.join().unwrap();
+        let log = log.lock().unwrap();
+        assert!(status.success(), "run {run}: exit {status:?}\n{}", log.join("\n"));
+        assert!(!log.iter().any(|l| l.contains("panicked") || l.contains("died")), "run {run}:\n{}", log.join("\n"));
+        for (s, buf) in first.into_iter().chain(kept) {
+            let seen = read_to_end(s, buf);
+            assert!(seen.connected);
+            assert!(
+                matches!(
+                    seen.disconnect,
+                    Some(ReasonCode::SERVER_SHUTTING_DOWN) | Some(ReasonCode::SESSION_TAKEN_OVER)
+                ),
+                "run {run}: an accepted 5.0 client got {:?}, not DISCONNECT 0x8B or 0x8E",
+                seen.disconnect
+            );
+        }
+        for (payload, n) in wills {
+            assert_eq!(n, 1, "run {run}: will {:?} published {n} times", String::from_utf8_lossy(&payload));
+        }
+    }
+}
+
+/// With 100,000 retained messages a SUBSCRIBE of 5,000 filters that match none of them must not
+/// stall the worker: a pair of clients on the same (only) worker keeps exchanging QoS 1 messages
+/// with a p99 under 50 ms.
+#[test]
+fn a_huge_subscribe_over_a_large_retained_store_does_not_stall_the_worker() {
+    let b = start_with(tern::Config { max_retained_messages: 200_000, ..config(1) });
+    let addr = b.local_addr();
+    let (mut filler, _) = Client::connect(addr, "filler", true);
+    for i in 0..100_000 {
+        let mut p = Publish::new(format!("ret/{}/{}", i / 100, i % 100), QoS::AtMostOnce, Bytes::from_static(b"r"));
+        p.retain = true;
+        filler.send(&Packet::Publish(p));
+    }
+    filler.sync();
+    let (mut sub, _) = Client::connect(addr, "pair-sub", true);
+    sub.subscribe("pair/t", QoS::AtLeastOnce);
+    let (mut publ, _) = Client::connect(addr, "pair-pub", true);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heavy = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut heavy, _) = Client::connect(addr, "heavy", true);
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds == 0 {
+                let filters = (0..5000)
+                    .map(|i| (MqttStr::from(format!("none/{rounds}/{i}")), SubscriptionOptions::new(QoS::AtLeastOnce)))
+                    .collect();
+                let id = heavy.id();
+                let s = Subscribe { packet_id: id, filters, properties: Properties::default() };
+                heavy.send(&Packet::Subscribe(Box::new(s)));
+                heavy.recv_where(|p| matches!(p, Packet::SubAck(a) if a.packet_id == id));
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let mut latencies = Vec::new();
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let t = Instant::now();
+        publ.publish("pair/t", "ping", QoS::AtLeastOnce, false);
+        let m = sub.recv_publish();
+        sub.ack(&m);
+        latencies.push(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = heavy.join().unwrap();
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    assert!(rounds >= 1);
+    assert!(
+        p99 < Duration::from_millis(50),
+        "p99 {p99:?} over {} messages, {rounds} heavy SUBSCRIBEs",
+        latencies.len()
+    );
+    b.shutdown();
+}
