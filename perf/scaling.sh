@@ -17,6 +17,7 @@ PORT=${PORT:-18831}
 WORKERS=${WORKERS:-"1 2 4 8"}
 OUT=${OUT:-perf/report/scaling}
 LOAD_CPU=${LOAD_CPU:-1}
+TERN=${TERN:-target/release/tern}   # another build to compare: TERN=/path/to/tern OUT=... perf/scaling.sh
 
 if ! command -v mosquitto_sub >/dev/null 2>&1; then
     echo "installing mosquitto-clients from Debian (the counters are read with mosquitto_sub)"
@@ -47,7 +48,7 @@ pin_workers = false
 sys_interval = 1
 log_level = "warn"
 CONF
-    target/release/tern -c "$WORK/tern.toml" &
+    "$TERN" -c "$WORK/tern.toml" &
     BPID=$!
     for _ in $(seq 1 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
@@ -67,7 +68,7 @@ stop_broker() {
 counters() {
     # $SYS goes out once a second: wait for the update after the run.
     sleep 1.5
-    { timeout 10 mosquitto_sub -p "$PORT" -C 3 -W 4 -t '$SYS/broker/internal/+' -v 2>/dev/null || true; } |
+    { timeout 10 mosquitto_sub -p "$PORT" -C 4 -W 4 -t '$SYS/broker/internal/+' -v 2>/dev/null || true; } |
         awk '/ring_pushes/ {p=$2} /trie_walks/ {t=$2} /wakeups/ {w=$2} END {printf "%s %s %s\n", p+0, t+0, w+0}'
 }
 

@@ -45,6 +45,12 @@ pub struct Config {
     /// Retained messages the broker keeps; a new retained topic past it is not stored (counted as
     /// dropped), replacing or clearing an existing one always works.
     pub max_retained_messages: usize,
+    /// Seconds a congested subscriber may go without acknowledging anything before it is treated
+    /// as stalled: the publishers it paused resume and `slow_subscriber_policy` applies.
+    pub slow_subscriber_timeout: u64,
+    /// What a stalled subscriber gets: `drop` (its messages queue up to `max_queued_messages`,
+    /// then are dropped and counted) or `disconnect`.
+    pub slow_subscriber_policy: String,
 }
 
 impl Default for Config {
@@ -66,6 +72,8 @@ impl Default for Config {
             max_subscriptions_per_client: 10_000,
             max_sessions: 1_000_000,
             max_retained_messages: 100_000,
+            slow_subscriber_timeout: 2,
+            slow_subscriber_policy: "drop".into(),
         }
     }
 }
@@ -128,6 +136,15 @@ impl Config {
         }
         if self.workers > 256 {
             return bad("workers", "at most 256");
+        }
+        if !matches!(self.slow_subscriber_policy.as_str(), "drop" | "disconnect") {
+            return bad("slow_subscriber_policy", "expected drop or disconnect");
+        }
+        if self.slow_subscriber_timeout == 0 {
+            return bad("slow_subscriber_timeout", "must be at least 1 second");
+        }
+        if self.max_queued_messages < 4 {
+            return bad("max_queued_messages", "must be at least 4");
         }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");

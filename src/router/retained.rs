@@ -136,6 +136,7 @@ mod tests {
             retain: true,
             properties: None,
             origin: None,
+            publisher: None,
             expires_at: None,
         })
     }

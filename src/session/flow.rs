@@ -225,6 +225,7 @@ mod tests {
             retain: false,
             properties: None,
             origin: None,
+            publisher: None,
             expires_at,
         };
         Delivery { msg: Arc::new(msg), qos, retain: false, sub_ids: vec![], group: None }

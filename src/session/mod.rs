@@ -29,6 +29,8 @@ pub struct Message {
     pub properties: Option<Box<Properties>>,
     /// The publishing session, for 5.0 no-local: (worker, session key).
     pub origin: Option<(u16, u32)>,
+    /// The publishing connection, which a congested subscriber pauses (flow control).
+    pub publisher: Option<Publisher>,
     /// From the 5.0 message expiry interval: not delivered after this [MQTT-3.3.2-5].
     pub expires_at: Option<Instant>,
 }
@@ -46,6 +48,7 @@ impl Message {
             retain: will.retain,
             properties: (!properties.is_empty()).then(|| Box::new(properties)),
             origin,
+            publisher: None,
             expires_at,
         }
     }
@@ -53,6 +56,14 @@ impl Message {
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
+}
+
+/// A publishing connection, anywhere in the broker: what a congested session pauses and resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publisher {
+    pub worker: u16,
+    pub conn: u32,
+    pub conn_uid: u64,
 }
 
 /// One subscription: its options and, in 5.0, its subscription identifier (0 = none).
@@ -133,6 +144,16 @@ pub struct Session {
     /// A will waiting out its 5.0 will delay interval after an abnormal disconnect.
     pub pending_will: Option<Box<(Instant, Will)>>,
     pub disconnected_at: Option<Instant>,
+    /// Flow control: the publishers paused because this session's queue passed its high-water
+    /// mark, resumed when it drains below the low-water mark, or when it is found stalled.
+    pub waiters: Vec<Publisher>,
+    /// No acknowledgement for `slow_subscriber_timeout` while congested: it pauses nobody, and
+    /// its queue drops past `max_queued_messages`, until it acknowledges again.
+    pub stalled: bool,
+    /// When it last completed a QoS 1/2 flow (or attached).
+    pub last_progress: Option<Instant>,
+    /// A stall check is armed.
+    pub stall_timer: bool,
 }
 
 impl Session {
@@ -153,6 +174,10 @@ impl Session {
             will: None,
             pending_will: None,
             disconnected_at: None,
+            waiters: Vec::new(),
+            stalled: false,
+            last_progress: None,
+            stall_timer: false,
         }
     }
 

@@ -106,6 +106,11 @@ pub struct Conn {
     pub aliases: Option<Box<Vec<Option<MqttStr>>>>,
     /// Outbound topic aliases, for a 5.0 client that accepts them.
     pub out_aliases: Option<Box<OutAliases>>,
+    /// Congested subscribers holding this publisher: while any does, it is not read.
+    pub paused: u16,
+    /// Acknowledgements withheld while paused, sent on resume.
+    #[allow(clippy::box_collection)]
+    pub held: Option<Box<Vec<Packet>>>,
 }
 
 /// A connection's yes/no state, one byte each.
@@ -158,6 +163,8 @@ impl Conn {
             max_packet_out: usize::MAX,
             aliases: None,
             out_aliases: None,
+            paused: 0,
+            held: None,
         }
     }
 

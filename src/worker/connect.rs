@@ -126,6 +126,8 @@ impl Worker {
         let s = &mut self.sessions[sk];
         s.version = v;
         s.expiry_interval = expiry;
+        s.stalled = false;
+        s.last_progress = Some(self.clock.now);
         s.disconnected_at = None;
         // Resumed in time: the delayed will is not sent [MQTT-3.1.3-9].
         s.pending_will = None;
@@ -239,6 +241,8 @@ impl Worker {
             return;
         }
         self.sessions.set_conn(sk, None);
+        // An offline session cannot push back: its publishers go on, its queue has its bound.
+        self.release(sk);
         let now = self.clock.now;
         let s = &mut self.sessions[sk];
         s.disconnected_at = Some(now);
@@ -310,6 +314,7 @@ impl Worker {
             // Only a clean start over a session whose connection is already closed gets here.
             self.conns[k].session = None;
         }
+        self.release(sk);
         let s = self.sessions.remove(sk);
         for filter in s.subscriptions.keys() {
             self.drop_subscription(sk, filter);

@@ -13,7 +13,7 @@ use super::mailbox::Mail;
 use super::Worker;
 use crate::codec::{MqttStr, Properties, PublishHeader, QoS};
 use crate::router::GroupId;
-use crate::session::{Delivery, GroupKey, Message, Offer, SessionKey};
+use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, SessionKey};
 
 /// A message being routed, borrowed from wherever it is: the read buffer or a shared `Message`.
 pub struct View<'a> {
@@ -23,6 +23,7 @@ pub struct View<'a> {
     pub retain: bool,
     pub properties: Option<&'a Properties>,
     pub origin: Option<(u16, u32)>,
+    pub publisher: Option<Publisher>,
     pub expires_at: Option<Instant>,
 }
 
@@ -35,6 +36,7 @@ impl View<'_> {
             retain: self.retain,
             properties: self.properties.map(|p| Box::new(p.clone())),
             origin: self.origin,
+            publisher: self.publisher,
             expires_at: self.expires_at,
         })
     }
@@ -48,6 +50,7 @@ fn view(m: &Message) -> View<'_> {
         retain: m.retain,
         properties: m.properties.as_deref(),
         origin: m.origin,
+        publisher: m.publisher,
         expires_at: m.expires_at,
     }
 }
@@ -74,6 +77,9 @@ impl Worker {
         let remote = !peers.is_empty();
         for &p in &peers {
             let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            if m.qos != QoS::AtMostOnce {
+                self.mailbox.charge(p as usize);
+            }
             self.mailbox.send(p as usize, Mail::Publish(msg));
         }
         self.scratch.peers = peers;
@@ -138,7 +144,7 @@ impl Worker {
             let retain = m.retain && o.retain_as_published;
             if qos != QoS::AtMostOnce {
                 let msg = shared.get_or_insert_with(|| m.to_message()).clone();
-                self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None });
+                self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None }, true);
                 continue;
             }
             let s = &self.sessions[sk];
@@ -208,7 +214,7 @@ impl Worker {
         if member.worker as usize == self.id {
             let sk = SessionKey(member.session as usize);
             if self.sessions.is(sk, member.session_uid) {
-                self.deliver_one(sk, d);
+                self.deliver_one(sk, d, true);
             }
         } else {
             let m = Mail::SharedDeliver { session: member.session, uid: member.session_uid, delivery: d };
@@ -227,7 +233,9 @@ impl Worker {
     }
 
     /// One delivery to one session on this worker (shared subscriptions, retained messages).
-    pub(super) fn deliver_one(&mut self, sk: SessionKey, d: Delivery) {
+    /// `pace`: a congested session pauses the message's publisher (not for retained messages
+    /// sent on subscribe, whose publisher has nothing to do with this subscriber).
+    pub(super) fn deliver_one(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
         if self.sessions.get(sk).is_none() {
             if let Some(g) = d.group {
                 self.redeliver_shared(*g, d.msg);
@@ -235,7 +243,7 @@ impl Worker {
             return;
         }
         if d.qos != QoS::AtMostOnce {
-            return self.offer(sk, d);
+            return self.offer(sk, d, pace);
         }
         let s = &self.sessions[sk];
         let Some(ck) = s.conn else { return };
@@ -253,8 +261,9 @@ impl Worker {
 
     /// A QoS 1/2 message for a session: sent now if its window and output have room, else queued
     /// up to `max_queued_messages`, else dropped and counted.
-    fn offer(&mut self, sk: SessionKey, d: Delivery) {
+    fn offer(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
         let max_queued = self.shared.config.max_queued_messages;
+        let publisher = if pace { d.msg.publisher } else { None };
         let s = &mut self.sessions[sk];
         let offer = match s.conn {
             Some(ck) => {
@@ -274,8 +283,14 @@ impl Worker {
             }
             None => s.offer(d, self.clock.now, max_queued, None),
         };
-        if offer == Offer::Dropped {
-            self.counters.publish_dropped += 1;
+        match offer {
+            Offer::Dropped => self.counters.publish_dropped += 1,
+            Offer::Queued => {
+                if let Some(p) = publisher {
+                    self.pace(sk, p);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -296,6 +311,7 @@ impl Worker {
         if wrote {
             self.mark_dirty(ck);
         }
+        self.drained(sk);
     }
 
     pub(super) fn store_retained(&mut self, msg: &Arc<Message>) {

@@ -13,7 +13,7 @@ use crate::codec::{
     Unsubscribe,
 };
 use crate::router::Member;
-use crate::session::{Delivery, GroupKey, OutState, PubRecOutcome, SessionKey, Subscription};
+use crate::session::{Delivery, GroupKey, OutState, PubRecOutcome, Publisher, SessionKey, Subscription};
 use crate::topic;
 
 fn failure(v5: bool, code: ReasonCode) -> ReasonCode {
@@ -89,7 +89,10 @@ impl Worker {
     }
 
     fn completed(&mut self, sk: SessionKey, id: crate::codec::PacketId, waiting: OutState) {
-        if self.sessions[sk].complete(id, waiting) {
+        let s = &mut self.sessions[sk];
+        if s.complete(id, waiting) {
+            s.last_progress = Some(self.clock.now);
+            s.stalled = false;
             self.pump(sk);
         }
     }
@@ -163,6 +166,7 @@ impl Worker {
                 retain: p.retain,
                 properties,
                 origin: Some((self.id as u16, sk.0 as u32)),
+                publisher: Some(Publisher { worker: self.id as u16, conn: k.0 as u32, conn_uid: self.conns[k].uid }),
                 expires_at: properties
                     .and_then(|p| p.message_expiry_interval)
                     .map(|s| self.clock.now + Duration::from_secs(s as u64)),
@@ -175,8 +179,8 @@ impl Worker {
             ReasonCode::SUCCESS
         };
         match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.send(k, &Packet::PubAck(Ack { reason, ..Ack::new(id) })),
-            (QoS::ExactlyOnce, Some(id)) => self.send(k, &Packet::PubRec(Ack { reason, ..Ack::new(id) })),
+            (QoS::AtLeastOnce, Some(id)) => self.acknowledge(k, Packet::PubAck(Ack { reason, ..Ack::new(id) })),
+            (QoS::ExactlyOnce, Some(id)) => self.acknowledge(k, Packet::PubRec(Ack { reason, ..Ack::new(id) })),
             _ => {}
         }
     }
@@ -337,7 +341,8 @@ impl Worker {
                         let qos = msg.qos.min(subscription.options.qos);
                         let ids = if subscription.identifier != 0 { vec![subscription.identifier] } else { vec![] };
                         // [MQTT-3.3.1-8]: retained messages for a new subscription go out with retain set.
-                        self.deliver_one(sk, Delivery { msg, qos, retain: true, sub_ids: ids, group: None });
+                        let d = Delivery { msg, qos, retain: true, sub_ids: ids, group: None };
+                        self.deliver_one(sk, d, false);
                     }
                 }
                 self.conns[k].flags.blocked = false;

@@ -10,15 +10,18 @@ impl Worker {
     pub(super) fn take_mail(&mut self) {
         let mut mail = std::mem::take(&mut self.scratch.mail);
         self.mailbox.take(&mut mail);
-        for m in mail.drain(..) {
-            self.on_mail(m);
+        for (from, m) in mail.drain(..) {
+            self.on_mail(from as usize, m);
         }
         self.scratch.mail = mail;
     }
 
-    fn on_mail(&mut self, mail: Mail) {
+    fn on_mail(&mut self, from: usize, mail: Mail) {
         match mail {
             Mail::Publish(msg) => {
+                if msg.qos != crate::codec::QoS::AtMostOnce {
+                    self.mailbox.owe_credit(from);
+                }
                 if msg.retain {
                     self.store_retained(&msg);
                 }
@@ -54,13 +57,22 @@ impl Worker {
             Mail::SharedDeliver { session, uid, delivery } => {
                 let sk = SessionKey(session as usize);
                 if self.sessions.is(sk, uid) {
-                    self.deliver_one(sk, delivery);
+                    self.deliver_one(sk, delivery, true);
                 } else if let Some(g) = delivery.group {
                     // The member left before this arrived: to someone still in the group.
                     self.redeliver_shared(*g, delivery.msg);
                 }
             }
             Mail::SharedRedeliver { key, msg } => self.redeliver_shared(*key, msg),
+            Mail::Pause { conn, uid } => self.pause(super::conn::ConnKey(conn as usize), uid),
+            Mail::Resume { conn, uid } => self.resume(super::conn::ConnKey(conn as usize), uid),
+            Mail::Credit { n } => {
+                self.mailbox.credited(from, n);
+                if !self.mailbox.out_of_credit() {
+                    let starved = std::mem::take(&mut self.turn.starved);
+                    self.turn.more_to_read.extend(starved);
+                }
+            }
         }
     }
 }

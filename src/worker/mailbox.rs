@@ -32,19 +32,54 @@ pub enum Mail {
     Handover(Box<Handover>),
     /// The sender now wants (or no longer wants) messages matching these filters. With a ticket,
     /// the receiver answers `Ack` once it has applied them.
-    Interest { filters: Vec<MqttStr>, worker: u16, present: bool, ticket: Option<Ticket> },
+    Interest {
+        filters: Vec<MqttStr>,
+        worker: u16,
+        present: bool,
+        ticket: Option<Ticket>,
+    },
     /// Answers an `Interest` or a `SharedJoin` that carried a ticket.
-    Ack { ticket: Ticket },
+    Ack {
+        ticket: Ticket,
+    },
     /// To a shared group's home worker: a session joins; answered with `Ack` once the group's
     /// filter is of interest everywhere.
-    SharedJoin { key: Box<GroupKey>, member: Member, ticket: Ticket },
+    SharedJoin {
+        key: Box<GroupKey>,
+        member: Member,
+        ticket: Ticket,
+    },
     /// To a shared group's home worker: a session leaves the group.
-    SharedLeave { key: Box<GroupKey>, worker: u16, session: u32 },
+    SharedLeave {
+        key: Box<GroupKey>,
+        worker: u16,
+        session: u32,
+    },
     /// From a shared group's home worker: deliver this to the chosen member, if it is still the
     /// session with `uid`.
-    SharedDeliver { session: u32, uid: u64, delivery: Delivery },
+    SharedDeliver {
+        session: u32,
+        uid: u64,
+        delivery: Delivery,
+    },
     /// To a shared group's home worker: a member went away without acknowledging this.
-    SharedRedeliver { key: Box<GroupKey>, msg: Arc<Message> },
+    SharedRedeliver {
+        key: Box<GroupKey>,
+        msg: Arc<Message>,
+    },
+    /// Flow control: a congested subscriber holds this publishing connection, or lets it go.
+    Pause {
+        conn: u32,
+        uid: u64,
+    },
+    Resume {
+        conn: u32,
+        uid: u64,
+    },
+    /// The sender took `n` more QoS 1/2 messages from the receiver's credit window.
+    Credit {
+        n: u32,
+    },
 }
 
 /// A connection moving to the worker that is home to its client id, with its parsed CONNECT and
@@ -72,6 +107,12 @@ pub struct Mailbox {
     /// Handed-over connections dropped past `OVERFLOW_LIMIT`, not yet taken off the broker's
     /// connection count.
     pub lost_connections: usize,
+    /// QoS 1/2 messages sent to each peer that it has not yet credited back, at most
+    /// `credit_window` each (see `charge`).
+    unconfirmed: Vec<usize>,
+    credit_window: usize,
+    /// QoS 1/2 messages taken from each peer this turn, credited back at the end of the turn.
+    credit_due: Vec<u32>,
 }
 
 impl Mailbox {
@@ -87,6 +128,46 @@ impl Mailbox {
             wakeups: 0,
             dropped: 0,
             lost_connections: 0,
+            unconfirmed: vec![0; n],
+            credit_window: 1,
+            credit_due: vec![0; n],
+        }
+    }
+
+    /// QoS 1/2 messages that may be on their way to one peer: a publisher paused by a congested
+    /// subscriber on that peer has sent at most this many more by the time the pause reaches it
+    /// (the pause travels in the same ring as, and ahead of, the credit).
+    pub fn set_credit_window(&mut self, window: usize) {
+        self.credit_window = window.max(1);
+    }
+
+    /// Counts a QoS 1/2 message sent to `to` against its credit window.
+    pub fn charge(&mut self, to: usize) {
+        self.unconfirmed[to] += 1;
+    }
+
+    /// Some peer's credit window is used up: stop reading publishers until it credits back.
+    pub fn out_of_credit(&self) -> bool {
+        self.unconfirmed.iter().any(|&n| n >= self.credit_window)
+    }
+
+    /// A peer's credit for `n` QoS 1/2 messages it has taken.
+    pub fn credited(&mut self, from: usize, n: u32) {
+        self.unconfirmed[from] = self.unconfirmed[from].saturating_sub(n as usize);
+    }
+
+    /// A QoS 1/2 message from `from` was taken: credit it at the end of the turn.
+    pub fn owe_credit(&mut self, from: usize) {
+        self.credit_due[from] += 1;
+    }
+
+    /// Sends each peer one credit for what was taken from it this turn.
+    pub fn send_credits(&mut self) {
+        for from in 0..self.credit_due.len() {
+            let n = std::mem::take(&mut self.credit_due[from]);
+            if n > 0 {
+                self.send(from, Mail::Credit { n });
+            }
         }
     }
 
@@ -174,12 +255,13 @@ impl Mailbox {
 
     /// Takes the mail that is in the rings now (not what arrives while it is handled, so I/O is
     /// not starved), in order per sender.
-    pub fn take(&mut self, into: &mut Vec<Mail>) {
-        for c in self.inbox.iter_mut().flatten() {
+    pub fn take(&mut self, into: &mut Vec<(u16, Mail)>) {
+        for (from, c) in self.inbox.iter_mut().enumerate() {
+            let Some(c) = c else { continue };
             let n = c.len();
             for _ in 0..n {
                 match c.pop() {
-                    Some(m) => into.push(m),
+                    Some(m) => into.push((from as u16, m)),
                     None => break,
                 }
             }

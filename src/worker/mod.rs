@@ -17,6 +17,7 @@
 mod conn;
 mod connect;
 mod deliver;
+mod flow;
 mod inbound;
 mod mail;
 mod mailbox;
@@ -106,6 +107,8 @@ struct Turn {
     dirty: Vec<ConnKey>,
     /// Connections with input left to read (their turn ran out, or a block lifted).
     more_to_read: Vec<(ConnKey, u64)>,
+    /// Connections not read because a peer's credit window is used up: read once it credits.
+    starved: Vec<(ConnKey, u64)>,
     /// Closed connections, removed at the end of the turn.
     closed: Vec<ConnKey>,
     deferred: Vec<Deferred>,
@@ -122,7 +125,7 @@ struct Scratch {
     encoded: BytesMut,
     peers: Vec<u16>,
     groups: Vec<crate::router::GroupId>,
-    mail: Vec<Mail>,
+    mail: Vec<(u16, Mail)>,
 }
 
 /// Plain per-worker counters, copied into `Shared::stats` once per tick.
@@ -174,7 +177,13 @@ impl Worker {
             conns: Conns::with_capacity(per_worker),
             sessions: Sessions::with_capacity(per_worker),
             router: Router::new(n),
-            mailbox: Mailbox::new(id, outbox, inbox),
+            mailbox: {
+                let mut m = Mailbox::new(id, outbox, inbox);
+                // A quarter of the queue bound over all peers: what a paused publisher may
+                // still have on its way to a congested subscriber (see `flow`).
+                m.set_credit_window((shared.config.max_queued_messages / (4 * n.saturating_sub(1).max(1))).max(8));
+                m
+            },
             pending: Pending::default(),
             timers: Timers::default(),
             clock: Clock::new(),
@@ -243,6 +252,7 @@ impl Worker {
     fn end_turn(&mut self) {
         self.flush_dirty();
         self.reap();
+        self.mailbox.send_credits();
         self.mailbox.send_overflow();
         self.mailbox.wake_peers(&self.shared);
         if self.mailbox.lost_connections > 0 {
@@ -292,7 +302,7 @@ impl Worker {
 
     /// Reads what the socket has into the worker's read buffer and handles every complete packet.
     fn read_conn(&mut self, k: ConnKey, uid: u64) {
-        if self.conns[k].flags.blocked {
+        if self.conns[k].flags.blocked || self.conns[k].paused > 0 {
             return;
         }
         let mut buf = std::mem::take(&mut self.scratch.read_buf);
@@ -317,6 +327,10 @@ impl Worker {
             // A peer's ring is full: read no more until it drains [DESIGN: full rings].
             if turn == READS_PER_TURN || self.mailbox.backlogged() {
                 self.turn.more_to_read.push((k, uid));
+                break;
+            }
+            if self.mailbox.out_of_credit() {
+                self.turn.starved.push((k, uid));
                 break;
             }
             turn += 1;
@@ -392,6 +406,11 @@ impl Worker {
                 }
             };
             if first >> 4 == packet_type::PUBLISH && version.is_some() {
+                // A peer's credit window is used up: the PUBLISH waits, in the buffer, for credit.
+                if self.mailbox.out_of_credit() {
+                    self.turn.starved.push((k, uid));
+                    return false;
+                }
                 let v = version.unwrap_or(ProtocolVersion::V311);
                 match PublishRef::parse(&buf[hl..size], first & 0x0f, v) {
                     Ok(p) => self.on_publish(k, p),
@@ -420,7 +439,8 @@ impl Worker {
                     packet => self.on_packet(k, packet),
                 }
             }
-            if !self.conns.alive(k, uid) || self.conns[k].flags.blocked {
+            let c = &self.conns[k];
+            if !self.conns.alive(k, uid) || c.flags.blocked || c.paused > 0 {
                 return false;
             }
         }
@@ -541,6 +561,7 @@ impl Worker {
             match t {
                 Timer::Conn(k, uid) => self.conn_timer(ConnKey(k), uid),
                 Timer::Session(sk, uid) => self.session_timer(SessionKey(sk), uid),
+                Timer::Stall(sk, uid) => self.stall_check(SessionKey(sk), uid),
             }
         }
         if self.clock.ms >= self.sys.next_tick_ms {

@@ -96,6 +96,7 @@ impl Worker {
                 retain: true,
                 properties: None,
                 origin: None,
+                publisher: None,
                 expires_at: None,
             };
             self.route(Arc::new(msg));

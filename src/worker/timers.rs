@@ -15,6 +15,8 @@ pub enum Timer {
     Conn(usize, u64),
     /// Will delay or expiry of a session, if it still has this uid.
     Session(usize, u64),
+    /// Whether a congested session has stalled (flow control).
+    Stall(usize, u64),
 }
 
 impl Timer {
