@@ -17,6 +17,7 @@ CONNS=${CONNS:-15000}     # open files are capped per process: keep below the br
 OUT=${OUT:-perf/report}
 BROKER_CPU=${BROKER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
+TERN=${TERN:-target/release/tern}   # another build, for before/after: TERN=/path/to/tern OUT=... perf/compare.sh
 
 if ! command -v mosquitto >/dev/null 2>&1; then
     echo "installing mosquitto from Debian"
@@ -43,7 +44,7 @@ CONF
 
 start_broker() {
     case "$1" in
-        tern) taskset -c "$BROKER_CPU" target/release/tern -p "$PORT" --workers 1 2>/dev/null & ;;
+        tern) taskset -c "$BROKER_CPU" "$TERN" -p "$PORT" --workers 1 2>/dev/null & ;;
         mosquitto) taskset -c "$BROKER_CPU" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
     esac
     BPID=$!

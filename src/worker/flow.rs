@@ -1,8 +1,8 @@
 //! Flow control from subscribers back to publishers: QoS 1/2 publishers are paced by delivery,
 //! not by a queue that drops what was acknowledged.
 //!
-//! When a connected subscriber's queue reaches the high-water mark (a quarter of
-//! `max_queued_messages`), each publisher whose QoS 1/2 message lands there is paused: its
+//! When a connected subscriber's queue reaches the high-water mark (twice
+//! `max_inflight_messages`, at most a quarter of `max_queued_messages`), each publisher whose QoS 1/2 message lands there is paused: its
 //! socket is not read and the acknowledgement of the message that paused it is withheld, so TCP
 //! (and, for 5.0, the publisher's receive maximum) pushes back. Publishers on other workers are
 //! paused and resumed through the rings. Below the low-water mark (half the high-water mark) they
@@ -29,8 +29,11 @@ use crate::session::{Publisher, SessionKey};
 const MAX_WAITERS: usize = 4096;
 
 impl Worker {
+    /// Twice the subscriber's window: enough queued to keep its window full across a round trip,
+    /// not so much that a message waits behind seconds of others (latency is queue / rate).
     fn high_water(&self) -> usize {
-        (self.shared.config.max_queued_messages / 4).max(1)
+        let c = &self.shared.config;
+        (2 * c.max_inflight_messages as usize).min(c.max_queued_messages / 4).max(1)
     }
 
     /// After a QoS 1/2 message from `publisher` was offered to session `sk`: pause the publisher
