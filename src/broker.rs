@@ -66,8 +66,25 @@ impl Shared {
     }
 }
 
-/// Capacity of each worker-to-worker ring.
-pub const RING_CAPACITY: usize = 16 * 1024;
+/// Capacity of each worker-to-worker ring: 16 Ki entries of 16 bytes with a few workers, fewer
+/// as the number of rings (workers x (workers - 1)) grows, so that a worker's inbound rings hold
+/// about 128 Ki entries (2 MiB) whatever the count, and never fewer than 1 Ki each.
+pub fn ring_capacity(workers: usize) -> usize {
+    let share = 128 * 1024 / workers.saturating_sub(1).max(1);
+    // The largest power of two within the share (rings round up to one).
+    (1usize << (usize::BITS - 1 - share.leading_zeros())).clamp(1024, 16 * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ring_memory_per_worker_stays_flat_as_workers_grow() {
+        assert_eq!(super::ring_capacity(2), 16 * 1024);
+        assert_eq!(super::ring_capacity(16), 8 * 1024);
+        assert_eq!(super::ring_capacity(64), 2 * 1024);
+        assert_eq!(super::ring_capacity(256), 1024);
+    }
+}
 
 pub struct Broker {
     addr: SocketAddr,
@@ -110,7 +127,7 @@ impl Broker {
         for from in 0..n {
             for to in 0..n {
                 if from != to {
-                    let (p, c) = ring(RING_CAPACITY);
+                    let (p, c) = ring(ring_capacity(n));
                     producers[from][to] = Some(p);
                     consumers[to][from] = Some(c);
                 }

@@ -217,7 +217,7 @@ impl Worker {
                 self.deliver_one(sk, d, true);
             }
         } else {
-            let m = Mail::SharedDeliver { session: member.session, uid: member.session_uid, delivery: d };
+            let m = Mail::SharedDeliver(Box::new((member.session, member.session_uid, d)));
             self.mailbox.send(member.worker as usize, m);
         }
     }

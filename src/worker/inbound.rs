@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::conn::{CloseKind, ConnKey};
 use super::deliver::View;
-use super::mailbox::{Mail, Then};
+use super::mailbox::{InterestChange, Mail, Then};
 use super::{Deferred, DeferredSubscribe, Worker, TOPIC_ALIAS_MAXIMUM};
 use crate::codec::{
     Ack, MqttStr, Packet, Properties, PublishRef, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck,
@@ -299,7 +299,7 @@ impl Worker {
             self.announce(announce, true, Some(ticket));
         }
         for (home, key, member) in remote_joins {
-            self.mailbox.send(home, Mail::SharedJoin { key: Box::new(key), member, ticket });
+            self.mailbox.send(home, Mail::SharedJoin(Box::new((key, member, ticket))));
         }
     }
 
@@ -311,7 +311,8 @@ impl Worker {
     pub(super) fn announce(&mut self, filters: Vec<MqttStr>, present: bool, ticket: Option<u32>) {
         let peers: Vec<usize> = self.mailbox.peers().collect();
         for peer in peers {
-            let m = Mail::Interest { filters: filters.clone(), worker: self.id as u16, present, ticket };
+            let change = InterestChange { filters: filters.clone(), worker: self.id as u16, present, ticket };
+            let m = Mail::Interest(Box::new(change));
             self.mailbox.send(peer, m);
         }
     }

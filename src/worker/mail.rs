@@ -1,7 +1,7 @@
 //! What a worker does with the mail its peers sent: messages to deliver, connections handed over,
 //! interest announcements (acknowledged once applied), shared group membership and deliveries.
 
-use super::mailbox::{Mail, Then};
+use super::mailbox::{InterestChange, Mail, Then};
 use super::Worker;
 use crate::session::SessionKey;
 
@@ -28,7 +28,8 @@ impl Worker {
                 self.deliver_local(&msg);
             }
             Mail::Handover(h) => self.take_handover(*h),
-            Mail::Interest { filters, worker, present, ticket } => {
+            Mail::Interest(change) => {
+                let InterestChange { filters, worker, present, ticket } = *change;
                 for f in &filters {
                     self.router.peer_interest(f, worker, present);
                 }
@@ -41,10 +42,11 @@ impl Worker {
                     self.finish(then);
                 }
             }
-            Mail::SharedJoin { key, member, ticket } => {
+            Mail::SharedJoin(join) => {
+                let (key, member, ticket) = *join;
                 let reply = Then::Ack { worker: member.worker, ticket };
                 let filter = key.1.clone();
-                if self.router.groups.join(*key, member) && self.router.want(&filter) && self.mailbox.peer_count() > 0 {
+                if self.router.groups.join(key, member) && self.router.want(&filter) && self.mailbox.peer_count() > 0 {
                     // A new group: its filter must be of interest everywhere before the member's
                     // SUBACK goes out.
                     let mine = self.pending.start(self.mailbox.peer_count(), reply);
@@ -54,7 +56,8 @@ impl Worker {
                 }
             }
             Mail::SharedLeave { key, worker, session } => self.leave_group(&key, worker, session),
-            Mail::SharedDeliver { session, uid, delivery } => {
+            Mail::SharedDeliver(d) => {
+                let (session, uid, delivery) = *d;
                 let sk = SessionKey(session as usize);
                 if self.sessions.is(sk, uid) {
                     self.deliver_one(sk, delivery, true);

@@ -24,7 +24,8 @@ pub const OVERFLOW_LIMIT: usize = 64 * 1024;
 /// A ticket for an operation waiting on peers: (the waiting worker's index into its `Pending`).
 pub type Ticket = u32;
 
-/// What one worker sends another.
+/// What one worker sends another. Kept to 16 bytes (larger variants are boxed): a ring is an
+/// array of these, one ring per ordered pair of workers.
 pub enum Mail {
     /// A message to deliver to the receiver's matching sessions (and, retained, to store).
     Publish(Arc<Message>),
@@ -32,23 +33,14 @@ pub enum Mail {
     Handover(Box<Handover>),
     /// The sender now wants (or no longer wants) messages matching these filters. With a ticket,
     /// the receiver answers `Ack` once it has applied them.
-    Interest {
-        filters: Vec<MqttStr>,
-        worker: u16,
-        present: bool,
-        ticket: Option<Ticket>,
-    },
+    Interest(Box<InterestChange>),
     /// Answers an `Interest` or a `SharedJoin` that carried a ticket.
     Ack {
         ticket: Ticket,
     },
     /// To a shared group's home worker: a session joins; answered with `Ack` once the group's
     /// filter is of interest everywhere.
-    SharedJoin {
-        key: Box<GroupKey>,
-        member: Member,
-        ticket: Ticket,
-    },
+    SharedJoin(Box<(GroupKey, Member, Ticket)>),
     /// To a shared group's home worker: a session leaves the group.
     SharedLeave {
         key: Box<GroupKey>,
@@ -57,11 +49,7 @@ pub enum Mail {
     },
     /// From a shared group's home worker: deliver this to the chosen member, if it is still the
     /// session with `uid`.
-    SharedDeliver {
-        session: u32,
-        uid: u64,
-        delivery: Delivery,
-    },
+    SharedDeliver(Box<(u32, u64, Delivery)>),
     /// To a shared group's home worker: a member went away without acknowledging this.
     SharedRedeliver {
         key: Box<GroupKey>,
@@ -80,6 +68,14 @@ pub enum Mail {
     Credit {
         n: u32,
     },
+}
+
+/// Filters a worker now wants (or no longer wants); with a ticket, to be acknowledged.
+pub struct InterestChange {
+    pub filters: Vec<MqttStr>,
+    pub worker: u16,
+    pub present: bool,
+    pub ticket: Option<Ticket>,
 }
 
 /// A connection moving to the worker that is home to its client id, with its parsed CONNECT and
@@ -305,5 +301,24 @@ impl Pending {
         let op = self.ops.get_mut(ticket as usize)?;
         op.waiting -= 1;
         (op.waiting == 0).then(|| self.ops.remove(ticket as usize).then)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_stays_small_because_every_ring_is_an_array_of_it() {
+        assert!(std::mem::size_of::<Mail>() <= 16, "Mail is {} bytes", std::mem::size_of::<Mail>());
+    }
+
+    #[test]
+    fn an_operation_completes_with_its_last_acknowledgement() {
+        let mut p = Pending::default();
+        let t = p.start(2, Then::Ack { worker: 1, ticket: 9 });
+        assert!(p.ack(t).is_none());
+        assert!(matches!(p.ack(t), Some(Then::Ack { worker: 1, ticket: 9 })));
+        assert!(p.ack(t).is_none(), "a stale ticket completes nothing");
     }
 }
