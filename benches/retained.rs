@@ -15,16 +15,8 @@ use tern::session::Message;
 fn store(n: usize) -> RetainedTree {
     let mut t = RetainedTree::default();
     for i in 0..n {
-        t.insert(Arc::new(Message {
-            topic: MqttStr::from(format!("site{}/dev{}/temp", i % 100, i / 100)),
-            payload: Bytes::from_static(b"21.5"),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at: None,
-        }));
+        let topic = MqttStr::from(format!("site{}/dev{}/temp", i % 100, i / 100));
+        t.insert(Arc::new(Message::plain(topic, Bytes::from_static(b"21.5"), QoS::AtMostOnce, true)));
     }
     t
 }

@@ -31,36 +31,11 @@ RESULTS="$OUT/results.jsonl"
 WORK=$(mktemp -d)
 trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 BPID=
+# shellcheck source=perf/lib.sh
+. perf/lib.sh
 
-cat > "$WORK/mosquitto.conf" <<CONF
-listener $PORT 127.0.0.1
-allow_anonymous true
-persistence false
-max_inflight_messages 20
-max_queued_messages 1000
-set_tcp_nodelay true
-log_dest none
-CONF
+write_mosquitto_conf
 
-start_broker() {
-    case "$1" in
-        tern) taskset -c "$BROKER_CPU" "$TERN" -p "$PORT" --workers 1 2>/dev/null & ;;
-        mosquitto) taskset -c "$BROKER_CPU" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
-    esac
-    BPID=$!
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "$1 did not start" >&2
-    exit 1
-}
-
-stop_broker() {
-    kill "$BPID" 2>/dev/null || true
-    wait "$BPID" 2>/dev/null || true
-    BPID=
-}
 
 SCENARIOS=(
     "fanout --subscribers 100 --qos 0"

@@ -16,6 +16,7 @@ OUT=${OUT:-perf/report/flow}
 BROKER_CPU=${BROKER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 WORKERS=${WORKERS:-1}
+TERN=${TERN:-target/release/tern}
 
 if ! command -v mosquitto >/dev/null 2>&1; then
     echo "installing mosquitto from Debian"
@@ -29,36 +30,11 @@ RESULTS="$OUT/results.jsonl"
 WORK=$(mktemp -d)
 trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 BPID=
+# shellcheck source=perf/lib.sh
+. perf/lib.sh
 
-cat > "$WORK/mosquitto.conf" <<CONF
-listener $PORT 127.0.0.1
-allow_anonymous true
-persistence false
-max_inflight_messages 20
-max_queued_messages 1000
-set_tcp_nodelay true
-log_dest none
-CONF
+write_mosquitto_conf
 
-start_broker() {
-    case "$1" in
-        tern) taskset -c "$BROKER_CPU" target/release/tern -p "$PORT" --workers "$WORKERS" 2>/dev/null & ;;
-        mosquitto) taskset -c "$BROKER_CPU" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
-    esac
-    BPID=$!
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "$1 did not start" >&2
-    exit 1
-}
-
-stop_broker() {
-    kill "$BPID" 2>/dev/null || true
-    wait "$BPID" 2>/dev/null || true
-    BPID=
-}
 
 SCENARIOS=(
     "fanin-qos1-w16|fanin --publishers 4 --qos 1 --window 16"

@@ -31,6 +31,8 @@ RESULTS="$OUT/results.jsonl"
 WORK=$(mktemp -d)
 trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 BPID=
+# shellcheck source=perf/lib.sh
+. perf/lib.sh
 
 # name | loadtest arguments; the fixed rate is offered publishes per second.
 SCENARIOS=(
@@ -40,29 +42,6 @@ SCENARIOS=(
     "pairs-qos1|pairs --pairs 50 --qos 1|50000"
 )
 
-start_broker() {
-    cat > "$WORK/tern.toml" <<CONF
-port = $PORT
-workers = $1
-pin_workers = false
-sys_interval = 1
-log_level = "warn"
-CONF
-    "$TERN" -c "$WORK/tern.toml" &
-    BPID=$!
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "tern did not start" >&2
-    exit 1
-}
-
-stop_broker() {
-    kill "$BPID" 2>/dev/null || true
-    wait "$BPID" 2>/dev/null || true
-    BPID=
-}
 
 # Prints "ring_pushes trie_walks wakeups" as the broker last published them (retained $SYS).
 counters() {
@@ -78,7 +57,9 @@ for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
         for mode in saturation fixed; do
             for w in $WORKERS; do
                 echo "== run $rep/$REPS: $name $mode, $w worker(s)"
-                start_broker "$w"
+                printf 'port = %s\nworkers = %s\npin_workers = false\nsys_interval = 1\nlog_level = "warn"\n' \
+                    "$PORT" "$w" > "$WORK/tern.toml"
+                start_broker tern-config "$WORK/tern.toml"
                 before=$(counters)
                 extra=""
                 [ "$mode" = fixed ] && extra="--rate $rate"

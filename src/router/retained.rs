@@ -129,16 +129,7 @@ mod tests {
     use crate::topic::filter_matches;
 
     fn msg(topic: &str) -> Arc<Message> {
-        Arc::new(Message {
-            topic: MqttStr::from(topic),
-            payload: bytes::Bytes::from_static(b"x"),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at: None,
-        })
+        Arc::new(Message::plain(MqttStr::from(topic), bytes::Bytes::from_static(b"x"), QoS::AtMostOnce, true))
     }
 
     const TOPICS: &[&str] =

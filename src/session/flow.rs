@@ -218,16 +218,8 @@ mod tests {
     }
 
     fn delivery(payload: &str, qos: QoS, expires_at: Option<Instant>) -> Delivery {
-        let msg = Message {
-            topic: MqttStr::from("t"),
-            payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
-            qos,
-            retain: false,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at,
-        };
+        let mut msg = Message::plain(MqttStr::from("t"), bytes::Bytes::copy_from_slice(payload.as_bytes()), qos, false);
+        msg.expires_at = expires_at;
         Delivery { msg: Arc::new(msg), qos, retain: false, sub_ids: vec![], group: None }
     }
 

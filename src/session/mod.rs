@@ -36,6 +36,20 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message with no properties and no publisher (the broker's own, tests, benches).
+    pub fn plain(topic: impl Into<MqttStr>, payload: Bytes, qos: QoS, retain: bool) -> Message {
+        Message {
+            topic: topic.into(),
+            payload,
+            qos,
+            retain,
+            properties: None,
+            origin: None,
+            publisher: None,
+            expires_at: None,
+        }
+    }
+
     pub fn from_will(will: &Will, origin: Option<(u16, u32)>) -> Message {
         let mut properties = will.properties.clone();
         properties.will_delay_interval = None; // a will property, not a PUBLISH one

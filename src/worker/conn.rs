@@ -135,6 +135,8 @@ pub struct Flags {
     pub closed: bool,
     /// On the list of output buffers the tick trims if they stay empty.
     pub trim_listed: bool,
+    /// On the list of connections waiting for a peer's ring room or credit.
+    pub starved: bool,
 }
 
 /// Topic aliases we use towards one client: topic -> alias, assigned first come, first served.
@@ -267,6 +269,12 @@ pub struct ConnOutlet<'a> {
     pub now: std::time::Instant,
     /// PUBLISH packets written (for `$SYS/broker/messages/sent`).
     pub sent: u64,
+}
+
+impl<'a> ConnOutlet<'a> {
+    pub fn new(conn: &'a mut Conn, version: ProtocolVersion, max_output: usize, now: std::time::Instant) -> Self {
+        ConnOutlet { conn, version, max_output, now, sent: 0 }
+    }
 }
 
 impl Outlet for ConnOutlet<'_> {

@@ -182,13 +182,7 @@ impl Worker {
         let now_connected = self.shared.connections.load(Ordering::Relaxed) as u64;
         self.shared.clients_maximum.fetch_max(now_connected, Ordering::Relaxed);
         if present {
-            let mut out = ConnOutlet {
-                conn: &mut self.conns[k],
-                version: v,
-                max_output: usize::MAX,
-                now: self.clock.now,
-                sent: 0,
-            };
+            let mut out = ConnOutlet::new(&mut self.conns[k], v, usize::MAX, self.clock.now);
             self.sessions[sk].resend(&mut out);
             self.pump(sk);
         }

@@ -226,7 +226,7 @@ impl Worker {
     pub(super) fn redeliver_shared(&mut self, key: GroupKey, msg: Arc<Message>) {
         let home = self.shared.home_of_group(&key.0, &key.1);
         if home != self.id {
-            self.mailbox.send(home, Mail::SharedRedeliver { key: Box::new(key), msg });
+            self.mailbox.send(home, Mail::SharedRedeliver(Box::new((key, msg))));
         } else if let Some(g) = self.router.groups.find(&key) {
             self.deliver_to_group(g, msg);
         }
@@ -267,13 +267,8 @@ impl Worker {
         let s = &mut self.sessions[sk];
         let offer = match s.conn {
             Some(ck) => {
-                let mut out = ConnOutlet {
-                    conn: &mut self.conns[ck],
-                    version: s.version,
-                    max_output: self.shared.config.max_output_bytes,
-                    now: self.clock.now,
-                    sent: 0,
-                };
+                let max_output = self.shared.config.max_output_bytes;
+                let mut out = ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now);
                 let offer = s.offer(d, self.clock.now, max_queued, Some(&mut out));
                 if offer == Offer::Sent {
                     self.counters.messages_sent += out.sent;
@@ -298,13 +293,8 @@ impl Worker {
     pub(super) fn pump(&mut self, sk: SessionKey) {
         let Some(s) = self.sessions.get_mut(sk) else { return };
         let Some(ck) = s.conn else { return };
-        let mut out = ConnOutlet {
-            conn: &mut self.conns[ck],
-            version: s.version,
-            max_output: self.shared.config.max_output_bytes,
-            now: self.clock.now,
-            sent: 0,
-        };
+        let max_output = self.shared.config.max_output_bytes;
+        let mut out = ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now);
         s.pump(self.clock.now, &mut out);
         let wrote = !out.conn.wbuf.is_empty();
         self.counters.messages_sent += out.sent;

@@ -66,15 +66,15 @@ impl Worker {
                     self.redeliver_shared(*g, delivery.msg);
                 }
             }
-            Mail::SharedRedeliver { key, msg } => self.redeliver_shared(*key, msg),
+            Mail::SharedRedeliver(r) => {
+                let (key, msg) = *r;
+                self.redeliver_shared(key, msg);
+            }
             Mail::Pause { conn, uid } => self.pause(super::conn::ConnKey(conn as usize), uid),
             Mail::Resume { conn, uid } => self.resume(super::conn::ConnKey(conn as usize), uid),
             Mail::Credit { n } => {
                 self.mailbox.credited(from, n);
-                if !self.mailbox.out_of_credit() {
-                    let starved = std::mem::take(&mut self.turn.starved);
-                    self.turn.more_to_read.extend(starved);
-                }
+                self.feed_starved();
             }
         }
     }

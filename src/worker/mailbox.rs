@@ -51,10 +51,7 @@ pub enum Mail {
     /// session with `uid`.
     SharedDeliver(Box<(u32, u64, Delivery)>),
     /// To a shared group's home worker: a member went away without acknowledging this.
-    SharedRedeliver {
-        key: Box<GroupKey>,
-        msg: Arc<Message>,
-    },
+    SharedRedeliver(Box<(GroupKey, Arc<Message>)>),
     /// Flow control: a congested subscriber holds this publishing connection, or lets it go.
     Pause {
         conn: u32,

@@ -107,7 +107,8 @@ struct Turn {
     dirty: Vec<ConnKey>,
     /// Connections with input left to read (their turn ran out, or a block lifted).
     more_to_read: Vec<(ConnKey, u64)>,
-    /// Connections not read because a peer's credit window is used up: read once it credits.
+    /// Connections not read because a peer's ring is full or its credit window used up: read
+    /// once it drains or credits.
     starved: Vec<(ConnKey, u64)>,
     /// Closed connections, removed at the end of the turn.
     closed: Vec<ConnKey>,
@@ -202,7 +203,7 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             self.clock.update();
-            let idle = self.turn.more_to_read.is_empty() && self.turn.dirty.is_empty() && !self.mailbox.backlogged();
+            let idle = self.turn.more_to_read.is_empty() && self.turn.dirty.is_empty();
             // Sleep only after telling producers so and finding the rings still empty.
             let mailbox = &self.mailbox;
             let sleep = idle && self.shared.parking[self.id].park(|| mailbox.inbox_empty());
@@ -254,16 +255,41 @@ impl Worker {
         self.reap();
         self.mailbox.send_credits();
         self.mailbox.send_overflow();
+        self.feed_starved();
         self.mailbox.wake_peers(&self.shared);
         if self.mailbox.lost_connections > 0 {
             self.shared.connections.fetch_sub(std::mem::take(&mut self.mailbox.lost_connections), Ordering::Relaxed);
         }
     }
 
+    fn starve(&mut self, k: ConnKey, uid: u64) {
+        let c = &mut self.conns[k];
+        if !c.flags.starved {
+            c.flags.starved = true;
+            self.turn.starved.push((k, uid));
+        }
+    }
+
+    /// Connections left unread for a peer's sake are read again once it has room and credit.
+    fn feed_starved(&mut self) {
+        if self.turn.starved.is_empty() || self.mailbox.backlogged() || self.mailbox.out_of_credit() {
+            return;
+        }
+        for (k, uid) in std::mem::take(&mut self.turn.starved) {
+            if self.conns.alive(k, uid) {
+                self.conns[k].flags.starved = false;
+                self.turn.more_to_read.push((k, uid));
+            }
+        }
+    }
+
     fn sleep_time(&self) -> Duration {
         let tick = self.sys.next_tick_ms.saturating_sub(self.clock.ms);
         let timer = self.timers.next_deadline().map_or(u64::MAX, |at| at.saturating_sub(self.clock.ms));
-        Duration::from_millis(tick.min(timer))
+        // Mail held for a full ring is retried every millisecond, without spinning: on a machine
+        // with more workers than cores a spinning sender would starve the very peer it waits for.
+        let retry = if self.mailbox.backlogged() { 1 } else { u64::MAX };
+        Duration::from_millis(tick.min(timer).min(retry))
     }
 
     fn accept(&mut self) {
@@ -325,12 +351,14 @@ impl Worker {
         let mut turn = 0;
         while go_on {
             // A peer's ring is full: read no more until it drains [DESIGN: full rings].
-            if turn == READS_PER_TURN || self.mailbox.backlogged() {
+            if turn == READS_PER_TURN {
                 self.turn.more_to_read.push((k, uid));
                 break;
             }
-            if self.mailbox.out_of_credit() {
-                self.turn.starved.push((k, uid));
+            // A peer's ring is full, or its credit window used up: read no more until it drains
+            // [DESIGN: full rings].
+            if self.mailbox.backlogged() || self.mailbox.out_of_credit() {
+                self.starve(k, uid);
                 break;
             }
             turn += 1;
@@ -408,7 +436,7 @@ impl Worker {
             if first >> 4 == packet_type::PUBLISH && version.is_some() {
                 // A peer's credit window is used up: the PUBLISH waits, in the buffer, for credit.
                 if self.mailbox.out_of_credit() {
-                    self.turn.starved.push((k, uid));
+                    self.starve(k, uid);
                     return false;
                 }
                 let v = version.unwrap_or(ProtocolVersion::V311);

@@ -89,16 +89,7 @@ impl Worker {
         ];
         let loads = self.sys.load.update(received, sent, connected);
         for (topic, value) in values.into_iter().map(|(t, v)| (t.to_string(), v)).chain(loads) {
-            let msg = Message {
-                topic: MqttStr::from(topic),
-                payload: Bytes::from(value),
-                qos: QoS::AtMostOnce,
-                retain: true,
-                properties: None,
-                origin: None,
-                publisher: None,
-                expires_at: None,
-            };
+            let msg = Message::plain(MqttStr::from(topic), Bytes::from(value), QoS::AtMostOnce, true);
             self.route(Arc::new(msg));
         }
     }

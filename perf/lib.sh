@@ -1,0 +1,39 @@
+# Shared by the perf scripts (sourced): starting and stopping one broker on $PORT, loopback only.
+# The caller sets PORT, BROKER_CPU, WORK (a scratch folder) and, for tern, TERN and WORKERS.
+
+# mosquitto with the same bounds tern uses by default.
+write_mosquitto_conf() {
+    cat > "$WORK/mosquitto.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages 20
+max_queued_messages 1000
+set_tcp_nodelay true
+log_dest none
+CONF
+}
+
+# start_broker tern|mosquitto: pinned to $BROKER_CPU (unpinned if empty); sets BPID.
+start_broker() {
+    local pin=()
+    [ -n "${BROKER_CPU:-}" ] && pin=(taskset -c "$BROKER_CPU")
+    case "$1" in
+        tern) "${pin[@]}" "$TERN" -p "$PORT" --workers "${WORKERS:-1}" 2>/dev/null & ;;
+        tern-config) "${pin[@]}" "$TERN" -c "$2" 2>/dev/null & ;;
+        mosquitto) "${pin[@]}" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
+    esac
+    BPID=$!
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "$1 did not start" >&2
+    exit 1
+}
+
+stop_broker() {
+    kill "$BPID" 2>/dev/null || true
+    wait "$BPID" 2>/dev/null || true
+    BPID=
+}
