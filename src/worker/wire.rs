@@ -1,0 +1,295 @@
+//! A connection's bytes: reading a socket into the worker's buffer and handing each complete
+//! packet to the protocol handlers, queueing output and writing it once per turn, freeing the
+//! slots of closed connections, and the list of connections left unread while a peer catches up.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use mio::{Interest, Token};
+
+use super::conn::{CloseKind, ConnKey};
+use super::{Worker, READS_PER_TURN, READ_CHUNK};
+use crate::codec::{
+    decode, next_frame, packet_type, parse_fixed_header, DecodeError, Packet, ProtocolVersion, PublishRef,
+};
+
+impl Worker {
+    pub(super) fn starve(&mut self, k: ConnKey, uid: u64) {
+        let c = &mut self.conns[k];
+        if !c.flags.starved {
+            c.flags.starved = true;
+            self.turn.starved.push((k, uid));
+        }
+    }
+
+    /// Connections left unread for a peer's sake are read again once it has room and credit.
+    pub(super) fn feed_starved(&mut self) {
+        if self.turn.starved.is_empty() || self.mailbox.backlogged() || self.mailbox.out_of_credit() {
+            return;
+        }
+        for (k, uid) in std::mem::take(&mut self.turn.starved) {
+            if self.conns.alive(k, uid) {
+                self.conns[k].flags.starved = false;
+                self.turn.more_to_read.push((k, uid));
+            }
+        }
+    }
+
+    /// Reads what the socket has into the worker's read buffer and handles every complete packet.
+    pub(super) fn read_conn(&mut self, k: ConnKey, uid: u64) {
+        if self.conns[k].flags.blocked || self.conns[k].paused > 0 {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.scratch.read_buf);
+        buf.clear();
+        {
+            let c = &mut self.conns[k];
+            if !c.rbuf.is_empty() {
+                if c.rbuf.capacity() > READ_CHUNK {
+                    // A large packet in progress: keep reading into its own buffer.
+                    std::mem::swap(&mut buf, &mut c.rbuf);
+                } else {
+                    buf.extend_from_slice(&c.rbuf);
+                    c.rbuf = BytesMut::new();
+                }
+            }
+        }
+        // Bytes kept from before (the rest of a handover, or what waited while blocked) first.
+        let mut go_on = buf.is_empty() || self.process(k, uid, &mut buf);
+        let mut close = None;
+        let mut turn = 0;
+        while go_on {
+            // A peer's ring is full: read no more until it drains [DESIGN: full rings].
+            if turn == READS_PER_TURN {
+                self.turn.more_to_read.push((k, uid));
+                break;
+            }
+            // A peer's ring is full, or its credit window used up: read no more until it drains
+            // [DESIGN: full rings].
+            if self.mailbox.backlogged() || self.mailbox.out_of_credit() {
+                self.starve(k, uid);
+                break;
+            }
+            turn += 1;
+            // A client that does not read what we owe it is not read from either until it
+            // catches up: its output cannot grow without end.
+            let c = &mut self.conns[k];
+            if c.wbuf.len() > self.shared.config.max_output_bytes {
+                c.flags.read_paused = true;
+                break;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_CHUNK);
+            }
+            match c.transport.read_into(&mut buf) {
+                Ok(0) => {
+                    close = Some(CloseKind::Abnormal);
+                    break;
+                }
+                Ok(n) => {
+                    self.counters.bytes_received += n as u64;
+                    c.last_rx = self.clock.ms32();
+                    go_on = self.process(k, uid, &mut buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("worker {}: read error on {}: {e}", self.id, k.0);
+                    close = Some(CloseKind::Abnormal);
+                    break;
+                }
+            }
+        }
+        if self.conns.alive(k, uid) {
+            if let Some(kind) = close {
+                self.close(k, kind);
+            } else if !buf.is_empty() {
+                // Keep the partial packet with its connection; a big one keeps the whole buffer.
+                let c = &mut self.conns[k];
+                if buf.len() > 4096 {
+                    c.rbuf = std::mem::take(&mut buf);
+                } else {
+                    c.rbuf = BytesMut::from(&buf[..]);
+                }
+            }
+        }
+        buf.clear();
+        if buf.capacity() < READ_CHUNK {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        self.scratch.read_buf = buf;
+    }
+
+    /// Handles every complete packet in `buf`. Returns false when the connection is closed or
+    /// blocked (its remaining bytes stay in `buf`).
+    pub(super) fn process(&mut self, k: ConnKey, uid: u64, buf: &mut BytesMut) -> bool {
+        let max = self.shared.config.max_packet_size as usize;
+        loop {
+            let version = self.conns[k].version;
+            let (first, hl, size) = match next_frame(buf, version, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    // Make room for the whole packet once its size is known (bounded by `max`).
+                    if let Ok(Some((_, hl, rem))) = parse_fixed_header(buf) {
+                        if hl + rem > buf.capacity() {
+                            buf.reserve(hl + rem - buf.len());
+                        }
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    self.protocol_error(k, &e);
+                    return false;
+                }
+            };
+            if first >> 4 == packet_type::PUBLISH && version.is_some() {
+                // A peer's credit window is used up: the PUBLISH waits, in the buffer, for credit.
+                if self.mailbox.out_of_credit() {
+                    self.starve(k, uid);
+                    return false;
+                }
+                let v = version.unwrap_or(ProtocolVersion::V311);
+                match PublishRef::parse(&buf[hl..size], first & 0x0f, v) {
+                    Ok(p) => self.on_publish(k, p),
+                    Err(e) => {
+                        self.protocol_error(k, &e);
+                        return false;
+                    }
+                }
+                buf.advance(size);
+            } else {
+                let packet = match decode(buf, version, max) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return true,
+                    Err(e) => {
+                        self.protocol_error(k, &e);
+                        return false;
+                    }
+                };
+                match packet {
+                    Packet::Connect(connect) => {
+                        if let Some(handover) = self.on_connect(k, connect) {
+                            self.hand_over(k, handover, buf.split());
+                            return false;
+                        }
+                    }
+                    packet => self.on_packet(k, packet),
+                }
+            }
+            let c = &self.conns[k];
+            if !self.conns.alive(k, uid) || c.flags.blocked || c.paused > 0 {
+                return false;
+            }
+        }
+    }
+
+    /// Logs a violation, tells a 5.0 client why, and closes the connection (publishing its will).
+    pub(super) fn protocol_error(&mut self, k: ConnKey, e: &DecodeError) {
+        let c = &mut self.conns[k];
+        if c.version.is_none() && e.reason_code() == crate::codec::ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+            // [MQTT-3.1.2-2]: answer an unsupported level with CONNACK 0x01 and close. The level is
+            // unknown, so the answer takes the 3.1.1 form, as other brokers do.
+            let code = crate::codec::ConnectReturnCode::UNACCEPTABLE_PROTOCOL_VERSION;
+            Packet::ConnAck(Box::new(crate::codec::ConnAck { code, ..Default::default() }))
+                .encode(ProtocolVersion::V311, &mut c.wbuf);
+        }
+        self.disconnect_with(k, e.reason_code(), &e.to_string());
+    }
+
+    pub(super) fn mark_dirty(&mut self, k: ConnKey) {
+        let c = &mut self.conns[k];
+        if !c.flags.dirty {
+            c.flags.dirty = true;
+            self.turn.dirty.push(k);
+        }
+    }
+
+    /// Queues an encoded control packet on a connection.
+    pub(super) fn send(&mut self, k: ConnKey, packet: &Packet) {
+        self.conns[k].send(packet);
+        self.mark_dirty(k);
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        // A flush can make more output (a session pumps what waited for room): loop until quiet.
+        while !self.turn.dirty.is_empty() {
+            for k in std::mem::take(&mut self.turn.dirty) {
+                if let Some(c) = self.conns.get_mut(k) {
+                    c.flags.dirty = false;
+                    if !c.flags.closed {
+                        self.flush(k);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a connection's output buffer until done or the socket would block; then lets its
+    /// session send what waited for room.
+    pub(super) fn flush(&mut self, k: ConnKey) {
+        let max_output = self.shared.config.max_output_bytes;
+        let c = &mut self.conns[k];
+        let mut failed = false;
+        while !c.wbuf.is_empty() {
+            match c.transport.write(&c.wbuf) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.counters.bytes_sent += n as u64;
+                    c.wbuf.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.close(k, CloseKind::Abnormal);
+            return;
+        }
+        if c.flags.read_paused && c.wbuf.len() <= max_output / 2 {
+            c.flags.read_paused = false;
+            self.turn.more_to_read.push((k, c.uid));
+        }
+        let pending = !c.wbuf.is_empty();
+        if pending != c.flags.writable {
+            let interest = if pending { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if self.poll.registry().reregister(c.transport.source(), Token(k.0), interest).is_ok() {
+                c.flags.writable = pending;
+            }
+        }
+        if pending {
+            return;
+        }
+        if c.flags.close_after_flush {
+            self.close(k, CloseKind::Normal);
+            return;
+        }
+        if c.wbuf.capacity() <= 256 {
+            // An idle connection holds no output buffer, not even the few bytes of its last CONNACK
+            // or PINGRESP. Larger buffers stay while the connection is busy (freeing and faulting
+            // them in again per write costs more than the copy they carry); the tick trims them.
+            c.wbuf = BytesMut::new();
+        } else if c.wbuf.capacity() > 4096 && !c.flags.trim_listed {
+            c.flags.trim_listed = true;
+            self.turn.trim.push((k, c.uid));
+        }
+        if let Some(sk) = c.session {
+            self.pump(sk);
+        }
+    }
+
+    /// Frees the slots of connections closed this turn.
+    pub(super) fn reap(&mut self) {
+        for k in std::mem::take(&mut self.turn.closed) {
+            let Some(c) = self.conns.remove(k) else { continue };
+            let mut stream = c.transport.into_tcp();
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+    }
+}
