@@ -19,7 +19,12 @@ start_broker() {
     local pin=()
     [ -n "${BROKER_CPU:-}" ] && pin=(taskset -c "$BROKER_CPU")
     case "$1" in
-        tern) "${pin[@]}" "$TERN" -p "$PORT" --workers "${WORKERS:-1}" 2>/dev/null & ;;
+        tern)
+            # The same bounds as the mosquitto configuration above, for a like-for-like run.
+            printf 'port = %s\nworkers = %s\nmax_inflight_messages = 20\nmax_queued_messages = 1000\nlog_level = "warn"\n' \
+                "$PORT" "${WORKERS:-1}" > "$WORK/tern-compare.toml"
+            "${pin[@]}" "$TERN" -c "$WORK/tern-compare.toml" 2>/dev/null &
+            ;;
         tern-config) "${pin[@]}" "$TERN" -c "$2" 2>/dev/null & ;;
         mosquitto) "${pin[@]}" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
     esac

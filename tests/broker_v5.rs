@@ -40,7 +40,7 @@ fn connack_advertises_what_the_server_supports() {
         let (_c, ack) = Client::connect_with(b.local_addr(), connect5("", true, Properties::default()));
         let p = &ack.properties;
         assert!(p.assigned_client_identifier.as_ref().is_some_and(|id| !id.is_empty()), "[MQTT-3.2.2-16]");
-        assert_eq!(p.receive_maximum, Some(20));
+        assert_eq!(p.receive_maximum, Some(32));
         assert_eq!(p.maximum_packet_size, Some(1 << 20));
         assert_eq!(p.topic_alias_maximum, Some(32));
         assert_eq!(p.retain_available, Some(1));
@@ -470,9 +470,9 @@ fn reason_codes_on_acks_and_disconnects() {
         let (mut c, _) = Client::connect_with(addr, connect5("rc3", true, Properties::default()));
         c.send(&Packet::Auth(Box::default()));
         expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR);
-        // 0x93: more QoS 2 in flight than the receive maximum we advertised (20).
+        // 0x93: more QoS 2 in flight than the receive maximum we advertised (32).
         let (mut c, _) = Client::connect_with(addr, connect5("rc4", true, Properties::default()));
-        for i in 1..=21 {
+        for i in 1..=33 {
             let mut m = publish5("q2", QoS::ExactlyOnce, b"x", Properties::default());
             m.packet_id = Some(pid(i));
             c.send(&Packet::Publish(m));

@@ -114,9 +114,9 @@ pub struct RunArgs {
     /// Keepalive seconds sent in CONNECT.
     #[arg(long, default_value_t = 60)]
     pub keepalive: u16,
-    /// QoS 1/2 messages a publisher may have unacknowledged. Keep it at or below the broker's
-    /// outgoing window (20 in tern and mosquitto) or a fast publisher overflows the subscriber's
-    /// queue, which brokers answer by dropping.
+    /// QoS 1/2 messages a publisher may have unacknowledged. A window larger than the broker's
+    /// outgoing one (mosquitto 20, tern 32) lets a fast publisher outrun its subscribers: a broker
+    /// without flow control then drops acknowledged messages once its queue is full.
     #[arg(long, default_value_t = 16)]
     pub window: usize,
     /// Seconds to wait after publishing for the last messages and acknowledgements.
