@@ -189,8 +189,19 @@ impl Mailbox {
         }
     }
 
+    /// Keeps mail for a peer whose ring is full. Past `OVERFLOW_LIMIT` a QoS 0 message or a
+    /// connection being handed over is dropped (counted); everything else is kept, because losing
+    /// it would lose an acknowledged message or leave a SUBSCRIBE or a paused publisher waiting
+    /// forever. What is kept is bounded elsewhere: QoS 1/2 messages by the credit window, control
+    /// mail by one round trip per connection at a time, and the worker stops reading while any
+    /// mail is held.
     fn hold(&mut self, to: usize, mail: Mail) {
-        if self.overflow[to].len() >= OVERFLOW_LIMIT {
+        let droppable = match &mail {
+            Mail::Publish(m) => m.qos == crate::codec::QoS::AtMostOnce,
+            Mail::Handover(_) => true,
+            _ => false,
+        };
+        if droppable && self.overflow[to].len() >= OVERFLOW_LIMIT {
             if let Mail::Handover(h) = &mail {
                 log::warn!(
                     "worker {}: peer {to} saturated, refusing a connection from {:?}",
