@@ -23,19 +23,11 @@ if ! command -v mosquitto >/dev/null 2>&1; then
     echo "installing mosquitto from Debian"
     apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
 fi
-cargo build --release -q -p tern -p tern-loadtest
-LT=target/release/tern-loadtest
-mkdir -p "$OUT"
-RESULTS="$OUT/results.jsonl"
-[ -n "${REPORT_ONLY:-}" ] || : > "$RESULTS"
-WORK=$(mktemp -d)
-trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-BPID=
 # shellcheck source=perf/lib.sh
 . perf/lib.sh
+prepare_run
 
 write_mosquitto_conf
-
 
 SCENARIOS=(
     "fanout --subscribers 100 --qos 0"

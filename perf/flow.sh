@@ -22,19 +22,11 @@ if ! command -v mosquitto >/dev/null 2>&1; then
     echo "installing mosquitto from Debian"
     apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
 fi
-cargo build --release -q -p tern -p tern-loadtest
-LT=target/release/tern-loadtest
-mkdir -p "$OUT"
-RESULTS="$OUT/results.jsonl"
-: > "$RESULTS"
-WORK=$(mktemp -d)
-trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-BPID=
 # shellcheck source=perf/lib.sh
 . perf/lib.sh
+prepare_run
 
 write_mosquitto_conf
-
 
 SCENARIOS=(
     "fanin-qos1-w16|fanin --publishers 4 --qos 1 --window 16"

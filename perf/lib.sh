@@ -1,7 +1,20 @@
 # Shared by the perf scripts (sourced): starting and stopping one broker on $PORT, loopback only.
-# The caller sets PORT, BROKER_CPU, WORK (a scratch folder) and, for tern, TERN and WORKERS.
+# The caller sets OUT, PORT, BROKER_CPU (empty: unpinned) and, for tern, TERN and WORKERS.
 
-# mosquitto with the same bounds tern uses by default.
+# Builds tern and the load tool, makes $OUT and a fresh $RESULTS (kept with REPORT_ONLY), and a
+# scratch $WORK removed on exit together with any broker still running. Sets LT.
+prepare_run() {
+    cargo build --release -q -p tern -p tern-loadtest
+    LT=target/release/tern-loadtest
+    mkdir -p "$OUT"
+    RESULTS="$OUT/results.jsonl"
+    [ -n "${REPORT_ONLY:-}" ] || : > "$RESULTS"
+    WORK=$(mktemp -d)
+    BPID=
+    trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+}
+
+# mosquitto with mosquitto's own bounds (tern is run with the same ones).
 write_mosquitto_conf() {
     cat > "$WORK/mosquitto.conf" <<CONF
 listener $PORT 127.0.0.1

@@ -23,16 +23,9 @@ if ! command -v mosquitto_sub >/dev/null 2>&1; then
     echo "installing mosquitto-clients from Debian (the counters are read with mosquitto_sub)"
     apt-get update -qq && apt-get install -y -qq mosquitto-clients >/dev/null
 fi
-cargo build --release -q -p tern -p tern-loadtest
-LT=target/release/tern-loadtest
-mkdir -p "$OUT"
-RESULTS="$OUT/results.jsonl"
-[ -n "${REPORT_ONLY:-}" ] || : > "$RESULTS"
-WORK=$(mktemp -d)
-trap 'kill $BPID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-BPID=
 # shellcheck source=perf/lib.sh
 . perf/lib.sh
+prepare_run
 
 # name | loadtest arguments; the fixed rate is offered publishes per second.
 SCENARIOS=(
