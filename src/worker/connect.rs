@@ -117,9 +117,9 @@ impl Worker {
             Some(sk) => {
                 // The old session ends now: a will still waiting on its delay goes out [MQTT-3.1.3-9].
                 self.end_session(sk);
-                (self.sessions.insert(Session::new(client_id.clone(), v)), false)
+                (self.sessions.insert(Session::new(MqttStr::from(client_id.as_str()), v)), false)
             }
-            None => (self.sessions.insert(Session::new(client_id.clone(), v)), false),
+            None => (self.sessions.insert(Session::new(MqttStr::from(client_id.as_str()), v)), false),
         };
         let max_inflight = self.shared.config.max_inflight_messages as usize;
         self.sessions.set_conn(sk, Some(k));
@@ -157,7 +157,11 @@ impl Worker {
         if let Some(max) = connect.properties.maximum_packet_size {
             c.max_packet_out = max as usize;
         }
-        if c.keep_alive > 0 {
+        // The connection's timer (armed for the connect timeout) re-arms itself for the keep
+        // alive when it fires; a second entry is needed only if the keep alive runs out first.
+        let connect_left = (self.shared.config.connect_timeout().as_millis() as u32)
+            .saturating_sub(self.clock.ms32().wrapping_sub(c.created));
+        if c.keep_alive > 0 && (c.keep_alive as u32) * 1500 < connect_left {
             let uid = c.uid;
             self.timers.arm(self.clock.ms + c.keep_alive as u64 * 1500, Timer::conn(k, uid));
         }
@@ -347,12 +351,18 @@ impl Worker {
         }
         let now = self.clock.ms32();
         let created = now.wrapping_sub(created.elapsed().as_millis().min(u32::MAX as u128) as u32);
-        let (k, _) = self.conns.insert(|uid| Conn::new(uid, Transport::Tcp(stream), now, created, false));
+        let (k, uid) = self.conns.insert(|uid| Conn::new(uid, Transport::Tcp(stream), now, created, false));
+        let left = (self.shared.config.connect_timeout().as_millis() as u32).saturating_sub(now.wrapping_sub(created));
+        self.timers.arm(self.clock.ms + left as u64, Timer::conn(k, uid));
         self.conns[k].version = Some(connect.protocol);
         // The bytes read after CONNECT wait with the connection; they, and any that arrived since
         // the socket left its first worker (edge-triggered readiness would not report them
-        // again), are read once it is attached.
-        self.conns[k].rbuf = rest;
+        // again), are read once it is attached. Copied: `rest` shares the first worker's read
+        // buffer, and even an empty one would keep that 64 KiB allocation alive for as long as
+        // the connection lives.
+        if !rest.is_empty() {
+            self.conns[k].rbuf = BytesMut::from(&rest[..]);
+        }
         self.defer_attach(k, connect, assigned_id);
     }
 

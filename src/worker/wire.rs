@@ -158,7 +158,17 @@ impl Worker {
                 }
                 buf.advance(size);
             } else {
-                let packet = match decode(buf, version, max) {
+                // A CONNECT waits for the end of the turn (and may move to another worker): decode
+                // it from its own copy, so it does not keep the 64 KiB read buffer alive meanwhile.
+                let mut own;
+                let src = if first >> 4 == packet_type::CONNECT {
+                    own = BytesMut::from(&buf[..size]);
+                    buf.advance(size);
+                    &mut own
+                } else {
+                    &mut *buf
+                };
+                let packet = match decode(src, version, max) {
                     Ok(Some(p)) => p,
                     Ok(None) => return true,
                     Err(e) => {
