@@ -42,7 +42,7 @@ fn a_suback_means_publishes_from_any_worker_arrive_1000_rounds() {
 }
 
 #[test]
-fn a_message_goes_only_to_workers_that_want_it_and_shared_groups_still_get_theirs() {
+fn each_message_goes_to_exactly_one_member_of_a_shared_group_across_workers() {
     let b = start(4);
     let addr = b.local_addr();
     let (mut shared_a, _) = Client::connect_v(addr, "grp-a", true, ProtocolVersion::V5);
