@@ -35,6 +35,8 @@ pub struct WorkerStats {
     pub trie_walks: AtomicU64,
     pub wakeups: AtomicU64,
     pub interest_filters: AtomicU64,
+    /// Refusals by byte budget (see `worker::limits`).
+    pub limits: [AtomicU64; crate::worker::LIMITS],
 }
 
 pub struct Shared {
@@ -53,6 +55,10 @@ pub struct Shared {
     pub clients_maximum: AtomicU64,
     /// A worker died (a panic or an I/O error of its poll): the broker stops and exits non-zero.
     pub failed: AtomicBool,
+    /// Bytes held by partly received packets over all connections (`max_partial_bytes`).
+    pub partial_bytes: AtomicUsize,
+    /// Bytes of topic filters over all sessions (`max_subscription_bytes`).
+    pub subscription_bytes: AtomicUsize,
 }
 
 impl Shared {
@@ -144,6 +150,8 @@ impl Broker {
             started: Instant::now(),
             clients_maximum: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            partial_bytes: AtomicUsize::new(0),
+            subscription_bytes: AtomicUsize::new(0),
             config,
         });
         let cores = if shared.config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { vec![] };

@@ -51,6 +51,30 @@ pub struct Config {
     /// What a stalled subscriber gets: `drop` (its messages queue up to `max_queued_messages`,
     /// then are dropped and counted) or `disconnect`.
     pub slow_subscriber_policy: String,
+    /// Bytes held by partly received packets over all connections; a connection whose packet in
+    /// progress would take more is closed (5.0: DISCONNECT 0x97). One connection holds at most
+    /// `max_packet_size`.
+    pub max_partial_bytes: usize,
+    /// Seconds a connection may sit in the middle of a packet without sending a byte, keep alive
+    /// or not, before it is closed.
+    pub partial_packet_timeout: u64,
+    /// Bytes of retained messages (topic and payload) kept; a new or larger retained message past
+    /// it is not stored (it is still delivered), counted and logged.
+    pub max_retained_bytes: usize,
+    /// Bytes of topic filters one session may hold; past it SUBSCRIBE gets 0x97 / 0x80.
+    pub max_subscription_bytes_per_client: usize,
+    /// Bytes of topic filters over all sessions; past it SUBSCRIBE gets 0x97 / 0x80.
+    pub max_subscription_bytes: usize,
+    /// Bytes of QoS 1/2 messages queued per session (mosquitto's name; 0: no bound besides
+    /// `max_queued_messages`); past it messages are dropped and counted like past the count.
+    pub max_queued_bytes: usize,
+    /// Heap bytes the broker may use (mosquitto's name; 0: no ceiling). Past it new connections
+    /// are refused (CONNACK 0x89 / 3 server unavailable) and QoS 0 messages are shed.
+    pub memory_limit: usize,
+    /// How long a persistent session (3.1.1 clean session 0, or 5.0 with an infinite expiry)
+    /// is kept disconnected: mosquitto's syntax, a number and one of h, d, w, m (months), y, plus
+    /// s for seconds; `never` keeps them forever.
+    pub persistent_client_expiration: String,
 }
 
 impl Default for Config {
@@ -74,6 +98,14 @@ impl Default for Config {
             max_retained_messages: 100_000,
             slow_subscriber_timeout: 2,
             slow_subscriber_policy: "drop".into(),
+            max_partial_bytes: 256 << 20,
+            partial_packet_timeout: 30,
+            max_retained_bytes: 256 << 20,
+            max_subscription_bytes_per_client: 1 << 20,
+            max_subscription_bytes: 256 << 20,
+            max_queued_bytes: 16 << 20,
+            memory_limit: 0,
+            persistent_client_expiration: "7d".into(),
         }
     }
 }
@@ -149,6 +181,18 @@ impl Config {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }
+        if self.partial_packet_timeout == 0 {
+            return bad("partial_packet_timeout", "must be at least 1 second");
+        }
+        if self.max_partial_bytes < self.max_packet_size as usize {
+            return bad("max_partial_bytes", "must be at least max_packet_size");
+        }
+        if let Err(why) = parse_expiration(&self.persistent_client_expiration) {
+            return bad("persistent_client_expiration", &why);
+        }
+        if self.memory_limit != 0 && self.memory_limit < 16 << 20 {
+            return bad("memory_limit", "must be 0 (no ceiling) or at least 16 MiB (16777216)");
+        }
         Ok(())
     }
 
@@ -167,6 +211,36 @@ impl Config {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout)
     }
+
+    /// `persistent_client_expiration` in seconds; `None`: never.
+    pub fn persistent_expiry_secs(&self) -> Option<u64> {
+        parse_expiration(&self.persistent_client_expiration).ok().flatten()
+    }
+}
+
+/// mosquitto's expiration syntax: a count and a unit, h(ours), d(ays), w(eeks), m(onths of 30
+/// days), y(ears of 365 days); tern also takes s(econds), and `never`.
+pub fn parse_expiration(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t == "never" {
+        return Ok(None);
+    }
+    let why = || format!("`{t}`: expected a number followed by s, h, d, w, m or y (e.g. 14d), or never");
+    let (digits, unit) = t.split_at(t.len().saturating_sub(1));
+    let n: u64 = digits.parse().map_err(|_| why())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        "m" => 30 * 86_400,
+        "y" => 365 * 86_400,
+        _ => return Err(why()),
+    };
+    if n == 0 {
+        return Err(why());
+    }
+    Ok(Some(n.saturating_mul(unit_secs)))
 }
 
 #[cfg(test)]
@@ -187,6 +261,21 @@ mod tests {
         assert!(e.contains("port") || e.contains("invalid type"), "{e}");
         let e = Config::from_toml("max_inflight_messages = 0").unwrap_err().to_string();
         assert!(e.contains("max_inflight_messages"), "{e}");
+    }
+
+    #[test]
+    fn expiration_takes_mosquittos_syntax() {
+        assert_eq!(parse_expiration("14d"), Ok(Some(14 * 86_400)));
+        assert_eq!(parse_expiration("2h"), Ok(Some(7200)));
+        assert_eq!(parse_expiration("1m"), Ok(Some(30 * 86_400)));
+        assert_eq!(parse_expiration("1y"), Ok(Some(365 * 86_400)));
+        assert_eq!(parse_expiration("3s"), Ok(Some(3)));
+        assert_eq!(parse_expiration("never"), Ok(None));
+        assert!(parse_expiration("14").is_err());
+        assert!(parse_expiration("d").is_err());
+        assert!(parse_expiration("0d").is_err());
+        let e = Config::from_toml("persistent_client_expiration = \"5x\"").unwrap_err().to_string();
+        assert!(e.contains("persistent_client_expiration"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,7 @@
 //! broker.shutdown();
 //! ```
 
+pub mod alloc;
 pub mod broker;
 pub mod codec;
 pub mod config;

@@ -4,6 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// Counts heap bytes in use, for `memory_limit`.
+#[global_allocator]
+static ALLOC: tern::alloc::Counting = tern::alloc::Counting;
 use tern::{Broker, Config};
 
 /// tern: a fast MQTT 3.1/3.1.1/5.0 broker.

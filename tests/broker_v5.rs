@@ -164,6 +164,14 @@ fn topic_aliases_are_resolved_and_never_forwarded() {
         let (mut q, _) = Client::connect_with(b.local_addr(), connect5("alias-bad", true, Properties::default()));
         q.send(&Packet::Publish(publish5("", QoS::AtMostOnce, b"", alias(5))));
         expect_disconnect(&mut q, ReasonCode::PROTOCOL_ERROR);
+        // Alias 0 (encoded by hand: our encoder would not write it): DISCONNECT 0x94 [MQTT-3.3.2-8].
+        let (mut z, _) = Client::connect_with(b.local_addr(), connect5("alias-zero", true, Properties::default()));
+        z.send_raw(&[0x30, 0x07, 0, 1, b'a', 3, 0x23, 0, 0]).unwrap();
+        expect_disconnect(&mut z, ReasonCode::TOPIC_ALIAS_INVALID);
+        // QoS 3: a Malformed Packet, DISCONNECT 0x81 [MQTT-3.3.1-4].
+        let (mut m, _) = Client::connect_with(b.local_addr(), connect5("qos-three", true, Properties::default()));
+        m.send_raw(&[0x36, 0x06, 0, 1, b'a', 0, 1, 0]).unwrap();
+        expect_disconnect(&mut m, ReasonCode::MALFORMED_PACKET);
         b.shutdown();
     }
 }

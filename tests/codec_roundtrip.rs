@@ -349,7 +349,7 @@ fn malformed_inputs_are_refused_with_the_rule_they_break() {
             DuplicateProperty(0x11),
         ),
         ("payload format 2", vec![0x30, 0x06, 0, 1, b'a', 2, 0x01, 2], V5, InvalidPropertyValue(0x01)),
-        ("topic alias 0", vec![0x30, 0x07, 0, 1, b'a', 3, 0x23, 0, 0], V5, InvalidPropertyValue(0x23)),
+        ("topic alias 0 [MQTT-3.3.2-8]", vec![0x30, 0x07, 0, 1, b'a', 3, 0x23, 0, 0], V5, ZeroTopicAlias),
         ("subscription identifier 0", vec![0x30, 0x06, 0, 1, b'a', 2, 0x0b, 0], V5, InvalidPropertyValue(0x0b)),
         ("property block runs past packet", vec![0x30, 0x05, 0, 1, b'a', 9, 0x01], V5, Truncated),
         ("first packet not CONNECT [MQTT-3.1.0-1]", vec![0xc0, 0x00], V311, ExpectedConnect),
@@ -360,6 +360,14 @@ fn malformed_inputs_are_refused_with_the_rule_they_break() {
         assert_eq!(decode(&mut buf, version, MAX), Err(want.clone()), "{what}");
         assert!(!want.to_string().is_empty());
     }
+}
+
+#[test]
+fn the_reason_code_sent_names_the_broken_rule() {
+    // [MQTT-3.3.1-4]: both QoS bits set is a Malformed Packet (0x81), not a protocol error.
+    assert_eq!(DecodeError::InvalidQoS.reason_code(), ReasonCode::MALFORMED_PACKET);
+    // [MQTT-3.3.2-8]: a topic alias of 0 gets DISCONNECT 0x94 Topic Alias invalid.
+    assert_eq!(DecodeError::ZeroTopicAlias.reason_code(), ReasonCode::TOPIC_ALIAS_INVALID);
 }
 
 #[test]

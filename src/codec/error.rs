@@ -15,6 +15,8 @@ pub enum DecodeError {
     InvalidFlags { packet_type: u8, flags: u8 },
     #[error("PUBLISH with QoS 3 [MQTT-3.3.1-4]")]
     InvalidQoS,
+    #[error("topic alias 0 [MQTT-3.3.2-8]")]
+    ZeroTopicAlias,
     #[error("DUP flag set on a QoS 0 PUBLISH [MQTT-3.3.1-2]")]
     DupOnQoS0,
     #[error("a field runs past the end of the packet")]
@@ -81,12 +83,13 @@ impl DecodeError {
             PacketTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             UnsupportedProtocolLevel(_) | InvalidProtocolName => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
             WildcardInTopicName | EmptyTopicName => ReasonCode::TOPIC_NAME_INVALID,
+            // [MQTT-3.3.2-8]: the receiver of an alias of 0 disconnects with 0x94.
+            ZeroTopicAlias => ReasonCode::TOPIC_ALIAS_INVALID,
             DuplicateProperty(_)
             | InvalidPropertyValue(_)
             | InvalidRetainHandling
             | ExpectedConnect
             | EmptyTopicWithoutAlias
-            | InvalidQoS
             | ZeroPacketId => ReasonCode::PROTOCOL_ERROR,
             _ => ReasonCode::MALFORMED_PACKET,
         }

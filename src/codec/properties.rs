@@ -221,7 +221,13 @@ impl Properties {
                 id::REASON_STRING => set(&mut p.reason_string, pid, r.string()?)?,
                 id::RECEIVE_MAXIMUM => set(&mut p.receive_maximum, pid, nonzero16(pid, r.u16()?)?)?,
                 id::TOPIC_ALIAS_MAXIMUM => set(&mut p.topic_alias_maximum, pid, r.u16()?)?,
-                id::TOPIC_ALIAS => set(&mut p.topic_alias, pid, nonzero16(pid, r.u16()?)?)?,
+                id::TOPIC_ALIAS => {
+                    let alias = r.u16()?;
+                    if alias == 0 {
+                        return Err(DecodeError::ZeroTopicAlias);
+                    }
+                    set(&mut p.topic_alias, pid, alias)?
+                }
                 id::MAXIMUM_QOS => set(&mut p.maximum_qos, pid, boolean(pid, r.u8()?)?)?,
                 id::RETAIN_AVAILABLE => set(&mut p.retain_available, pid, boolean(pid, r.u8()?)?)?,
                 id::USER_PROPERTY => {

@@ -20,6 +20,8 @@ struct Node {
 pub struct RetainedTree {
     root: Node,
     len: usize,
+    /// Topic and payload bytes of every message kept, for `max_retained_bytes`.
+    bytes: usize,
 }
 
 impl RetainedTree {
@@ -31,15 +33,21 @@ impl RetainedTree {
         self.len == 0
     }
 
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn contains(&self, topic: &str) -> bool {
+        self.get(topic).is_some()
+    }
+
+    /// The retained message of exactly this topic.
+    pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
         let mut node = &self.root;
         for level in topic.split('/') {
-            match node.children.get(level) {
-                Some(n) => node = n,
-                None => return false,
-            }
+            node = node.children.get(level)?;
         }
-        node.msg.is_some()
+        node.msg.as_ref()
     }
 
     /// Stores `msg` as the retained message of its topic. Returns whether the topic is new.
@@ -48,25 +56,32 @@ impl RetainedTree {
         for level in msg.topic.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
-        let new = node.msg.replace(msg).is_none();
-        self.len += new as usize;
-        new
+        self.bytes += msg.size();
+        let old = node.msg.replace(msg);
+        if let Some(old) = &old {
+            self.bytes -= old.size();
+        }
+        self.len += old.is_none() as usize;
+        old.is_none()
     }
 
     /// Clears a topic's retained message [MQTT-3.3.1-10], freeing the levels nothing else uses.
     pub fn remove(&mut self, topic: &str) -> bool {
-        fn go(node: &mut Node, mut levels: std::str::Split<'_, char>) -> bool {
-            let Some(level) = levels.next() else { return node.msg.take().is_some() };
-            let Some(child) = node.children.get_mut(level) else { return false };
+        fn go(node: &mut Node, mut levels: std::str::Split<'_, char>) -> Option<usize> {
+            let Some(level) = levels.next() else { return node.msg.take().map(|m| m.size()) };
+            let child = node.children.get_mut(level)?;
             let removed = go(child, levels);
-            if removed && child.msg.is_none() && child.children.is_empty() {
+            if removed.is_some() && child.msg.is_none() && child.children.is_empty() {
                 node.children.remove(level);
             }
             removed
         }
         let removed = go(&mut self.root, topic.split('/'));
-        self.len -= removed as usize;
-        removed
+        if let Some(size) = removed {
+            self.len -= 1;
+            self.bytes -= size;
+        }
+        removed.is_some()
     }
 
     /// Every unexpired retained message whose topic matches `filter` (a valid, non-shared filter).

@@ -26,10 +26,25 @@ pub enum Offer {
     Sent,
     /// Waiting in the session queue for window room or for the client to come back.
     Queued,
-    /// The queue is at `max_queued`: dropped (the caller counts it).
+    /// The queue is at `max_queued_messages`: dropped (the caller counts it).
     Dropped,
+    /// The queue is at `max_queued_bytes`: dropped (the caller counts it).
+    DroppedBytes,
     /// Expired [MQTT-3.3.2-5] or too large for the client: nothing to count as sent.
     Discarded,
+}
+
+/// How much a session's queue may hold: messages and bytes (topic and payload; 0: no byte bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBound {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl QueueBound {
+    pub fn messages(messages: usize) -> QueueBound {
+        QueueBound { messages, bytes: 0 }
+    }
 }
 
 /// An incoming QoS 2 PUBLISH past the receive maximum we advertised [MQTT-3.3.4-7].
@@ -69,18 +84,22 @@ impl Session {
     }
 
     /// Offers a QoS 1/2 delivery: sent at once if nothing waits before it and the window and the
-    /// connection have room, else queued up to `max_queued`, else dropped.
-    pub fn offer(&mut self, d: Delivery, now: Instant, max_queued: usize, out: Option<&mut dyn Outlet>) -> Offer {
+    /// connection have room, else queued within `bound`, else dropped.
+    pub fn offer(&mut self, d: Delivery, now: Instant, bound: QueueBound, out: Option<&mut dyn Outlet>) -> Offer {
         if let Some(out) = out {
             if self.queue.is_empty() && self.window_open() && out.has_room() {
                 return self.send(d, now, out);
             }
         }
-        if self.queue.len() < max_queued {
+        let size = d.msg.size();
+        if self.queue.len() >= bound.messages {
+            Offer::Dropped
+        } else if bound.bytes != 0 && self.queued_bytes + size > bound.bytes {
+            Offer::DroppedBytes
+        } else {
+            self.queued_bytes += size;
             self.queue.push_back(d);
             Offer::Queued
-        } else {
-            Offer::Dropped
         }
     }
 
@@ -103,6 +122,7 @@ impl Session {
         let mut sent = 0;
         while self.window_open() && out.has_room() {
             let Some(d) = self.queue.pop_front() else { break };
+            self.queued_bytes -= d.msg.size();
             if self.send(d, now, out) == Offer::Sent {
                 sent += 1;
             }
@@ -175,7 +195,21 @@ impl Session {
     /// Messages given to this session and never acknowledged (queued, or in flight short of
     /// PUBCOMP's last step): what a shared group hands to another member when the session ends.
     pub fn into_unacknowledged(self) -> impl Iterator<Item = Delivery> {
-        self.inflight.into_iter().filter(|i| i.state != OutState::AwaitComp).map(|i| i.delivery).chain(self.queue)
+        let backlog = self.backlog.map(|b| b.items).unwrap_or_default();
+        let inflight = self.inflight.into_iter().filter(|i| i.state != OutState::AwaitComp).map(|i| i.delivery);
+        inflight.chain(self.queue).chain(backlog.into_iter().map(|(d, _)| d))
+    }
+
+    /// Messages that arrived while retained messages were still streaming to this session wait
+    /// behind them, so each topic keeps its order [MQTT-4.6.0-6]; at most `bound.messages`.
+    pub fn append_live(&mut self, d: Delivery, bound: QueueBound) -> Offer {
+        let Some(b) = self.backlog.as_deref_mut() else { return Offer::Discarded };
+        if b.live >= bound.messages {
+            return Offer::Dropped;
+        }
+        b.live += 1;
+        b.items.push_back((d, true));
+        Offer::Queued
     }
 }
 
@@ -234,10 +268,26 @@ mod tests {
     }
 
     #[test]
+    fn past_max_queued_bytes_a_message_is_dropped_and_sending_frees_its_bytes() {
+        let (mut s, mut w, now) = (session(1), wire(), Instant::now());
+        // Topic "t" and a one-byte payload weigh 2 bytes; the bound is 5.
+        let bound = QueueBound { messages: 100, bytes: 5 };
+        assert_eq!(s.offer(delivery("a", QoS::AtLeastOnce, None), now, bound, Some(&mut w)), Offer::Sent);
+        assert_eq!(s.offer(delivery("b", QoS::AtLeastOnce, None), now, bound, Some(&mut w)), Offer::Queued);
+        assert_eq!(s.offer(delivery("c", QoS::AtLeastOnce, None), now, bound, Some(&mut w)), Offer::Queued);
+        assert_eq!(s.offer(delivery("d", QoS::AtLeastOnce, None), now, bound, Some(&mut w)), Offer::DroppedBytes);
+        assert_eq!(s.queued_bytes, 4);
+        assert!(s.on_puback(pid(1)));
+        s.pump(now, &mut w);
+        assert_eq!(s.queued_bytes, 2);
+        assert_eq!(s.offer(delivery("e", QoS::AtLeastOnce, None), now, bound, Some(&mut w)), Offer::Queued);
+    }
+
+    #[test]
     fn the_window_bounds_what_is_in_flight_and_an_ack_lets_the_next_one_go() {
         let (mut s, mut w, now) = (session(2), wire(), Instant::now());
         for p in ["a", "b", "c", "d"] {
-            s.offer(delivery(p, QoS::AtLeastOnce, None), now, 10, Some(&mut w));
+            s.offer(delivery(p, QoS::AtLeastOnce, None), now, QueueBound::messages(10), Some(&mut w));
         }
         assert_eq!(w.written, ["publish 1 a", "publish 2 b"]);
         assert_eq!(s.queue.len(), 2);
@@ -247,7 +297,10 @@ mod tests {
         assert_eq!(w.written.last().unwrap(), "publish 3 c");
         // A queue exists: a new message waits behind it, even with room, to keep order [MQTT-4.6.0-6].
         assert!(s.on_puback(pid(2)));
-        assert_eq!(s.offer(delivery("e", QoS::AtLeastOnce, None), now, 10, Some(&mut w)), Offer::Queued);
+        assert_eq!(
+            s.offer(delivery("e", QoS::AtLeastOnce, None), now, QueueBound::messages(10), Some(&mut w)),
+            Offer::Queued
+        );
         s.pump(now, &mut w);
         assert_eq!(&w.written[3..], ["publish 4 d"]);
     }
@@ -255,9 +308,9 @@ mod tests {
     #[test]
     fn past_max_queued_a_message_is_dropped_and_offline_sessions_queue() {
         let (mut s, now) = (session(1), Instant::now());
-        assert_eq!(s.offer(delivery("a", QoS::AtLeastOnce, None), now, 2, None), Offer::Queued);
-        assert_eq!(s.offer(delivery("b", QoS::AtLeastOnce, None), now, 2, None), Offer::Queued);
-        assert_eq!(s.offer(delivery("c", QoS::AtLeastOnce, None), now, 2, None), Offer::Dropped);
+        assert_eq!(s.offer(delivery("a", QoS::AtLeastOnce, None), now, QueueBound::messages(2), None), Offer::Queued);
+        assert_eq!(s.offer(delivery("b", QoS::AtLeastOnce, None), now, QueueBound::messages(2), None), Offer::Queued);
+        assert_eq!(s.offer(delivery("c", QoS::AtLeastOnce, None), now, QueueBound::messages(2), None), Offer::Dropped);
         let mut w = wire();
         w.room = false;
         assert_eq!(s.pump(now, &mut w), 0, "nothing goes while the connection has no room");
@@ -269,7 +322,10 @@ mod tests {
     #[test]
     fn qos2_goes_publish_pubrec_pubrel_pubcomp() {
         let (mut s, mut w, now) = (session(5), wire(), Instant::now());
-        assert_eq!(s.offer(delivery("x", QoS::ExactlyOnce, None), now, 10, Some(&mut w)), Offer::Sent);
+        assert_eq!(
+            s.offer(delivery("x", QoS::ExactlyOnce, None), now, QueueBound::messages(10), Some(&mut w)),
+            Offer::Sent
+        );
         assert!(!s.on_pubcomp(pid(1)), "PUBCOMP before PUBREC does not end the flow");
         assert_eq!(s.on_pubrec(pid(1), false), PubRecOutcome::Release);
         assert!(!s.on_puback(pid(1)), "a PUBACK does not end a QoS 2 flow");
@@ -282,7 +338,7 @@ mod tests {
     #[test]
     fn a_refused_pubrec_ends_the_flow() {
         let (mut s, mut w, now) = (session(5), wire(), Instant::now());
-        s.offer(delivery("x", QoS::ExactlyOnce, None), now, 10, Some(&mut w));
+        s.offer(delivery("x", QoS::ExactlyOnce, None), now, QueueBound::messages(10), Some(&mut w));
         assert_eq!(s.on_pubrec(pid(1), true), PubRecOutcome::Ended);
         assert!(s.inflight.is_empty());
     }
@@ -290,9 +346,9 @@ mod tests {
     #[test]
     fn resume_resends_publishes_with_dup_and_pubrels_in_order() {
         let (mut s, mut w, now) = (session(5), wire(), Instant::now());
-        s.offer(delivery("a", QoS::ExactlyOnce, None), now, 10, Some(&mut w));
-        s.offer(delivery("b", QoS::AtLeastOnce, None), now, 10, Some(&mut w));
-        s.offer(delivery("c", QoS::ExactlyOnce, None), now, 10, Some(&mut w));
+        s.offer(delivery("a", QoS::ExactlyOnce, None), now, QueueBound::messages(10), Some(&mut w));
+        s.offer(delivery("b", QoS::AtLeastOnce, None), now, QueueBound::messages(10), Some(&mut w));
+        s.offer(delivery("c", QoS::ExactlyOnce, None), now, QueueBound::messages(10), Some(&mut w));
         s.on_pubrec(pid(1), false);
         s.on_puback(pid(2));
         let mut again = wire();
@@ -305,13 +361,21 @@ mod tests {
         let mut s = session(5);
         let now = Instant::now();
         let past = now - Duration::from_millis(1);
-        s.offer(delivery("old", QoS::AtLeastOnce, Some(past)), now, 10, None);
-        s.offer(delivery("fresh", QoS::AtLeastOnce, Some(now + Duration::from_secs(60))), now, 10, None);
+        s.offer(delivery("old", QoS::AtLeastOnce, Some(past)), now, QueueBound::messages(10), None);
+        s.offer(
+            delivery("fresh", QoS::AtLeastOnce, Some(now + Duration::from_secs(60))),
+            now,
+            QueueBound::messages(10),
+            None,
+        );
         let mut w = wire();
         s.pump(now, &mut w);
         assert_eq!(w.written, ["publish 1 fresh"], "[MQTT-3.3.2-5]");
         w.max_payload = 3;
-        assert_eq!(s.offer(delivery("toolong", QoS::AtLeastOnce, None), now, 10, Some(&mut w)), Offer::Discarded);
+        assert_eq!(
+            s.offer(delivery("toolong", QoS::AtLeastOnce, None), now, QueueBound::messages(10), Some(&mut w)),
+            Offer::Discarded
+        );
         assert_eq!(s.inflight.len(), 1);
     }
 
@@ -319,8 +383,8 @@ mod tests {
     fn packet_ids_skip_those_in_flight_and_zero() {
         let (mut s, mut w, now) = (session(3), wire(), Instant::now());
         s.next_packet_id = u16::MAX - 1;
-        s.offer(delivery("a", QoS::AtLeastOnce, None), now, 10, Some(&mut w));
-        s.offer(delivery("b", QoS::AtLeastOnce, None), now, 10, Some(&mut w));
+        s.offer(delivery("a", QoS::AtLeastOnce, None), now, QueueBound::messages(10), Some(&mut w));
+        s.offer(delivery("b", QoS::AtLeastOnce, None), now, QueueBound::messages(10), Some(&mut w));
         assert_eq!(w.written, ["publish 65535 a", "publish 1 b"], "[MQTT-2.3.1-1]: never 0");
         s.next_packet_id = 0;
         assert_eq!(s.next_packet_id(), pid(2), "1 is in flight [MQTT-2.3.1-2]");
@@ -342,19 +406,20 @@ mod tests {
     fn a_session_expires_its_interval_after_the_disconnect() {
         let mut s = session(5);
         let at = Instant::now();
-        assert_eq!(s.expires_at(), None, "connected");
+        assert_eq!(s.expires_at(None), None, "connected");
         s.disconnected_at = Some(at);
         s.expiry_interval = 30;
-        assert_eq!(s.expires_at(), Some(at + Duration::from_secs(30)));
+        assert_eq!(s.expires_at(Some(7)), Some(at + Duration::from_secs(30)), "its own interval");
         s.expiry_interval = crate::session::NEVER;
-        assert_eq!(s.expires_at(), None);
+        assert_eq!(s.expires_at(None), None, "persistent_client_expiration = never");
+        assert_eq!(s.expires_at(Some(7)), Some(at + Duration::from_secs(7)), "persistent_client_expiration");
     }
 
     #[test]
     fn unacknowledged_messages_are_the_queue_and_flows_short_of_pubrel() {
         let (mut s, mut w, now) = (session(2), wire(), Instant::now());
         for (p, q) in [("a", QoS::ExactlyOnce), ("b", QoS::AtLeastOnce), ("c", QoS::AtLeastOnce)] {
-            s.offer(delivery(p, q, None), now, 10, Some(&mut w));
+            s.offer(delivery(p, q, None), now, QueueBound::messages(10), Some(&mut w));
         }
         s.on_pubrec(pid(1), false); // delivered: its PUBREC says so
         let left: Vec<_> = s.into_unacknowledged().map(|d| d.msg.payload.clone()).collect();

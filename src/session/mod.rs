@@ -4,7 +4,7 @@
 
 mod flow;
 
-pub use flow::{Offer, Outlet, PubRecOutcome};
+pub use flow::{Offer, Outlet, PubRecOutcome, QueueBound};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -67,6 +67,11 @@ impl Message {
         }
     }
 
+    /// What the message weighs against byte budgets: its topic and payload.
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
@@ -102,6 +107,15 @@ pub struct Delivery {
     /// Set when it came through a shared subscription: if the session goes away before it is
     /// acknowledged, it goes to another member of the group.
     pub group: Option<Box<GroupKey>>,
+}
+
+/// Deliveries waiting for a session's output to drain: retained messages matched on SUBSCRIBE
+/// [MQTT-3.3.1-6], then live ones (`true`) that arrived while those were still going out.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    pub items: VecDeque<(Delivery, bool)>,
+    /// How many of `items` are live.
+    pub live: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,11 +156,18 @@ pub struct Session {
     /// session), `NEVER` keeps it (3.1.1 persistent session).
     pub expiry_interval: u32,
     pub subscriptions: HashMap<MqttStr, Subscription, FixedState>,
+    /// Bytes of the filters in `subscriptions`, for `max_subscription_bytes_per_client`.
+    pub subscription_bytes: usize,
     /// Outgoing QoS 1/2 messages not yet completed, oldest first; at most `send_window`.
     pub inflight: VecDeque<Inflight>,
     /// QoS 1/2 messages waiting for room in the window (or for the client to return); at most
     /// `max_queued_messages`.
     pub queue: VecDeque<Delivery>,
+    /// Bytes (topic and payload) of the messages in `queue`, for `max_queued_bytes`.
+    pub queued_bytes: usize,
+    /// Retained messages being streamed after a SUBSCRIBE, at the pace the client reads them
+    /// (and messages that arrived meanwhile, behind them).
+    pub backlog: Option<Box<Backlog>>,
     /// Unacknowledged QoS 1/2 messages we may have out: the lower of our `max_inflight_messages`
     /// and the client's 5.0 receive maximum [MQTT-3.3.4-9].
     pub send_window: usize,
@@ -180,8 +201,11 @@ impl Session {
             version,
             expiry_interval: 0,
             subscriptions: HashMap::default(),
+            subscription_bytes: 0,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            queued_bytes: 0,
+            backlog: None,
             send_window: 20,
             next_packet_id: 0,
             incoming_qos2: HashSet::default(),
@@ -195,10 +219,18 @@ impl Session {
         }
     }
 
-    /// When the session ends if nobody reconnects, if ever.
-    pub fn expires_at(&self) -> Option<Instant> {
+    /// Live messages waiting behind the retained backlog: they count as queued for flow control.
+    pub fn backlog_live(&self) -> usize {
+        self.backlog.as_ref().map_or(0, |b| b.live)
+    }
+
+    /// When the session ends if nobody reconnects, if ever. A session that never expires by its
+    /// own interval (3.1.1 persistent, 5.0 0xFFFFFFFF) ends after `persistent` seconds, if given
+    /// (`persistent_client_expiration`).
+    pub fn expires_at(&self, persistent: Option<u64>) -> Option<Instant> {
         let at = self.disconnected_at?;
-        (self.expiry_interval != NEVER).then(|| at + std::time::Duration::from_secs(self.expiry_interval as u64))
+        let secs = if self.expiry_interval == NEVER { persistent? } else { self.expiry_interval as u64 };
+        Some(at + std::time::Duration::from_secs(secs))
     }
 }
 

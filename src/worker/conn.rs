@@ -108,6 +108,8 @@ pub struct Conn {
     pub out_aliases: Option<Box<OutAliases>>,
     /// Congested subscribers holding this publisher: while any does, it is not read.
     pub paused: u16,
+    /// Bytes of `rbuf` counted against `max_partial_bytes`.
+    pub partial: u32,
     /// Acknowledgements withheld while paused, sent on resume.
     #[allow(clippy::box_collection)]
     pub held: Option<Box<Vec<Packet>>>,
@@ -137,6 +139,8 @@ pub struct Flags {
     pub trim_listed: bool,
     /// On the list of connections waiting for a peer's ring room or credit.
     pub starved: bool,
+    /// A `partial_packet_timeout` timer is armed.
+    pub partial_timer: bool,
 }
 
 /// Topic aliases we use towards one client: topic -> alias, assigned first come, first served.
@@ -166,6 +170,7 @@ impl Conn {
             aliases: None,
             out_aliases: None,
             paused: 0,
+            partial: 0,
             held: None,
         }
     }

@@ -34,6 +34,11 @@ impl Worker {
             self.refuse(k, ConnectReturnCode::SERVER_UNAVAILABLE, ReasonCode::SERVER_BUSY, "max_connections reached");
             return None;
         }
+        if self.budget.over_memory {
+            self.count(super::limits::Limit::MemoryConnections);
+            self.refuse(k, ConnectReturnCode::SERVER_UNAVAILABLE, ReasonCode::SERVER_BUSY, "memory_limit reached");
+            return None;
+        }
         if connect.properties.authentication_method.is_some() {
             let why = "no authentication method is configured";
             self.refuse(k, ConnectReturnCode::NOT_AUTHORIZED, ReasonCode::BAD_AUTHENTICATION_METHOD, why);
@@ -222,6 +227,9 @@ impl Worker {
             return;
         }
         c.flags.closed = true;
+        if c.partial > 0 {
+            self.shared.partial_bytes.fetch_sub(std::mem::take(&mut c.partial) as usize, Ordering::Relaxed);
+        }
         self.turn.closed.push(k);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         if !c.wbuf.is_empty() {
@@ -267,9 +275,10 @@ impl Worker {
 
     /// Arms a timer for the session's next deadline (will delay, expiry) unless one fires first.
     fn arm_session_timer(&mut self, sk: SessionKey) {
+        let persistent = self.shared.config.persistent_expiry_secs();
         let s = &mut self.sessions[sk];
         let will = s.pending_will.as_ref().map(|p| p.0);
-        let expiry = if s.conn.is_none() { s.expires_at() } else { None };
+        let expiry = if s.conn.is_none() { s.expires_at(persistent) } else { None };
         let Some(at) = [will, expiry].into_iter().flatten().min() else { return };
         if s.timer_at.is_some_and(|t| t <= at) {
             return;
@@ -294,8 +303,13 @@ impl Worker {
                 self.publish_will(sk, &pending.1);
             }
         }
+        let persistent = self.shared.config.persistent_expiry_secs();
         let s = &self.sessions[sk];
-        if s.conn.is_none() && s.expires_at().is_some_and(|at| at <= now) {
+        if s.conn.is_none() && s.expires_at(persistent).is_some_and(|at| at <= now) {
+            if s.expiry_interval == NEVER {
+                log::info!("client {}: persistent session expired (persistent_client_expiration)", s.client_id);
+                self.count(super::limits::Limit::SessionsExpired);
+            }
             self.end_session(sk);
         } else {
             self.arm_session_timer(sk);
@@ -314,6 +328,7 @@ impl Worker {
         }
         self.release(sk);
         let s = self.sessions.remove(sk);
+        self.shared.subscription_bytes.fetch_sub(s.subscription_bytes, Ordering::Relaxed);
         for filter in s.subscriptions.keys() {
             self.drop_subscription(sk, filter);
         }

@@ -13,7 +13,7 @@ use super::mailbox::Mail;
 use super::Worker;
 use crate::codec::{MqttStr, Properties, PublishHeader, QoS};
 use crate::router::GroupId;
-use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, SessionKey};
+use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, QueueBound, SessionKey};
 
 /// A message being routed, borrowed from wherever it is: the read buffer or a shared `Message`.
 pub struct View<'a> {
@@ -149,6 +149,11 @@ impl Worker {
             }
             let s = &self.sessions[sk];
             let Some(ck) = s.conn else { continue }; // QoS 0 is not kept for offline sessions
+            if s.backlog.is_some() {
+                let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+                self.behind_backlog(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None });
+                continue;
+            }
             let c = &mut self.conns[ck];
             if c.wbuf.len() >= max_out {
                 self.counters.publish_dropped += 1;
@@ -236,14 +241,30 @@ impl Worker {
     /// `pace`: a congested session pauses the message's publisher (not for retained messages
     /// sent on subscribe, whose publisher has nothing to do with this subscriber).
     pub(super) fn deliver_one(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
-        if self.sessions.get(sk).is_none() {
+        let Some(s) = self.sessions.get(sk) else {
             if let Some(g) = d.group {
                 self.redeliver_shared(*g, d.msg);
             }
             return;
+        };
+        if s.backlog.is_some() {
+            return self.behind_backlog(sk, d);
         }
+        self.deliver_now(sk, d, pace);
+    }
+
+    /// A live message for a session still streaming retained messages: it waits behind them.
+    fn behind_backlog(&mut self, sk: SessionKey, d: Delivery) {
+        let bound = QueueBound::messages(self.shared.config.max_queued_messages);
+        if self.sessions[sk].append_live(d, bound) == Offer::Dropped {
+            self.counters.publish_dropped += 1;
+        }
+    }
+
+    /// Sends (or, QoS 1/2, offers) a delivery now, whatever waits in the session's backlog.
+    fn deliver_now(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
         if d.qos != QoS::AtMostOnce {
-            return self.offer(sk, d, pace);
+            return self.offer_now(sk, d, pace);
         }
         let s = &self.sessions[sk];
         let Some(ck) = s.conn else { return };
@@ -262,7 +283,15 @@ impl Worker {
     /// A QoS 1/2 message for a session: sent now if its window and output have room, else queued
     /// up to `max_queued_messages`, else dropped and counted.
     fn offer(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
-        let max_queued = self.shared.config.max_queued_messages;
+        if self.sessions[sk].backlog.is_some() {
+            return self.behind_backlog(sk, d);
+        }
+        self.offer_now(sk, d, pace);
+    }
+
+    fn offer_now(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
+        let config = &self.shared.config;
+        let max_queued = QueueBound { messages: config.max_queued_messages, bytes: config.max_queued_bytes };
         let publisher = if pace { d.msg.publisher } else { None };
         let s = &mut self.sessions[sk];
         let offer = match s.conn {
@@ -280,6 +309,10 @@ impl Worker {
         };
         match offer {
             Offer::Dropped => self.counters.publish_dropped += 1,
+            Offer::DroppedBytes => {
+                self.counters.publish_dropped += 1;
+                self.count(super::limits::Limit::QueuedBytes);
+            }
             Offer::Queued => {
                 if let Some(p) = publisher {
                     self.pace(sk, p);
@@ -301,21 +334,72 @@ impl Worker {
         if wrote {
             self.mark_dirty(ck);
         }
+        self.feed_backlog(sk);
         self.drained(sk);
     }
 
+    /// Streams a session's backlog (retained messages after SUBSCRIBE, then what arrived
+    /// meanwhile) while there is room: QoS 0 while its output is under half of
+    /// `max_output_bytes`, QoS 1/2 while its queue is under the flow-control high-water mark.
+    /// Called again whenever its output drains or an acknowledgement opens its window.
+    pub(super) fn feed_backlog(&mut self, sk: SessionKey) {
+        let half_out = self.shared.config.max_output_bytes / 2;
+        let high = self.high_water();
+        loop {
+            let Some(s) = self.sessions.get_mut(sk) else { return };
+            let Some(ck) = s.conn else { return };
+            let Some(b) = s.backlog.as_deref_mut() else { return };
+            let Some((front, _)) = b.items.front() else {
+                s.backlog = None;
+                return self.drained(sk);
+            };
+            let room =
+                if front.qos == QoS::AtMostOnce { self.conns[ck].wbuf.len() < half_out } else { s.queue.len() < high };
+            if !room {
+                return;
+            }
+            let Some((d, live)) = b.items.pop_front() else { return };
+            b.live -= live as usize;
+            self.deliver_now(sk, d, false);
+        }
+    }
+
+    /// Keeps (or clears) a topic's retained message in this worker's replica of the store. Every
+    /// worker applies the same bounds to the same messages, so only worker 0 counts and logs
+    /// what they refuse. The replicas share the messages themselves (`Arc`).
     pub(super) fn store_retained(&mut self, msg: &Arc<Message>) {
         let retained = &mut self.router.retained;
         if msg.payload.is_empty() {
             // [MQTT-3.3.1-10]/[MQTT-3.3.1-11]: an empty retained message clears the topic.
             retained.remove(&msg.topic);
-        } else if retained.len() >= self.shared.config.max_retained_messages && !retained.contains(&msg.topic) {
-            self.counters.publish_dropped += 1;
-            if self.id == 0 {
-                log::warn!("max_retained_messages reached: not retaining {}", msg.topic);
-            }
+            return;
+        }
+        let old = retained.get(&msg.topic).map(|m| m.size());
+        let config = &self.shared.config;
+        let refused = if old.is_none() && retained.len() >= config.max_retained_messages {
+            Some(("max_retained_messages", None))
+        } else if retained.bytes() - old.unwrap_or(0) + msg.size() > config.max_retained_bytes {
+            Some(("max_retained_bytes", Some(super::limits::Limit::RetainedBytes)))
         } else {
-            retained.insert(msg.clone());
+            None
+        };
+        match refused {
+            None => {
+                retained.insert(msg.clone());
+            }
+            Some((key, limit)) if self.id == 0 => {
+                self.counters.publish_dropped += 1;
+                self.counters.retained_refused += 1;
+                if let Some(l) = limit {
+                    self.count(l);
+                }
+                // The first refusal, then every time the count doubles: a flood does not flood the log.
+                let n = self.counters.retained_refused;
+                if n.is_power_of_two() {
+                    log::warn!("{key} reached: not retaining {} ({} bytes; {n} refused so far)", msg.topic, msg.size());
+                }
+            }
+            Some(_) => {}
         }
     }
 }

@@ -31,7 +31,7 @@ const MAX_WAITERS: usize = 4096;
 impl Worker {
     /// Twice the subscriber's window: enough queued to keep its window full across a round trip,
     /// not so much that a message waits behind seconds of others (latency is queue / rate).
-    fn high_water(&self) -> usize {
+    pub(super) fn high_water(&self) -> usize {
         let c = &self.shared.config;
         (2 * c.max_inflight_messages as usize).min(c.max_queued_messages / 4).max(1)
     }
@@ -41,7 +41,7 @@ impl Worker {
     pub(super) fn pace(&mut self, sk: SessionKey, publisher: Publisher) {
         let high = self.high_water();
         let s = &mut self.sessions[sk];
-        if s.stalled || s.queue.len() < high || s.waiters.len() >= MAX_WAITERS {
+        if s.stalled || s.queue.len() + s.backlog_live() < high || s.waiters.len() >= MAX_WAITERS {
             return;
         }
         let Some(conn) = s.conn else { return };
@@ -68,7 +68,7 @@ impl Worker {
     pub(super) fn drained(&mut self, sk: SessionKey) {
         let low = self.high_water() / 2;
         if let Some(s) = self.sessions.get(sk) {
-            if !s.waiters.is_empty() && s.queue.len() <= low {
+            if !s.waiters.is_empty() && s.queue.len() + s.backlog_live() <= low {
                 self.release(sk);
             }
         }

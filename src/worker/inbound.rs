@@ -2,6 +2,7 @@
 //! the acknowledgement), the acknowledgements of our own PUBLISHes, SUBSCRIBE and UNSUBSCRIBE
 //! (with the interest round that makes a SUBACK safe), PINGREQ and DISCONNECT.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::conn::{CloseKind, ConnKey};
@@ -13,7 +14,7 @@ use crate::codec::{
     Unsubscribe,
 };
 use crate::router::Member;
-use crate::session::{Delivery, GroupKey, OutState, PubRecOutcome, Publisher, SessionKey, Subscription};
+use crate::session::{Backlog, Delivery, GroupKey, OutState, PubRecOutcome, Publisher, SessionKey, Subscription};
 use crate::topic;
 
 fn failure(v5: bool, code: ReasonCode) -> ReasonCode {
@@ -158,6 +159,10 @@ impl Worker {
         let mut matched = true;
         if topic.starts_with("$SYS") {
             // Clients do not publish into the broker's own statistics: acknowledged, dropped.
+        } else if p.qos == QoS::AtMostOnce && self.budget.over_memory {
+            // Past `memory_limit` QoS 0 is shed first: nothing was promised for it.
+            self.counters.publish_dropped += 1;
+            self.count(super::limits::Limit::MemoryQos0);
         } else if fresh {
             let m = View {
                 topic,
@@ -224,10 +229,18 @@ impl Worker {
         for (filter, opts) in &filters {
             let subscription = Subscription { options: *opts, identifier };
             let s = &self.sessions[sk];
-            if s.subscriptions.len() >= max_subs && !s.subscriptions.contains_key(filter) {
+            let new = !s.subscriptions.contains_key(filter);
+            if s.subscriptions.len() >= max_subs && new {
                 log::info!("client {}: max_subscriptions_per_client reached, refusing {filter:?}", s.client_id);
                 codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
                 continue;
+            }
+            if new {
+                if let Some(limit) = self.subscription_budget(sk, filter.len()) {
+                    codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
+                    self.count(limit);
+                    continue;
+                }
             }
             let code = match topic::parse_shared(filter) {
                 Ok(Some(sf)) => {
@@ -270,6 +283,10 @@ impl Worker {
                     }
                 },
             };
+            if new && code.0 < 0x80 {
+                self.sessions[sk].subscription_bytes += filter.len();
+                self.shared.subscription_bytes.fetch_add(filter.len(), Ordering::Relaxed);
+            }
             codes.push(code);
         }
         let ack = Box::new(SubAck { packet_id, codes, properties: Default::default() });
@@ -333,18 +350,28 @@ impl Worker {
                 if !self.conns.alive(k, conn_uid) || self.sessions.get(sk).is_none_or(|s| s.conn != Some(k)) {
                     return;
                 }
-                // [MQTT-3.8.4-1]: SUBACK first, then the retained messages [MQTT-3.3.1-6].
+                // [MQTT-3.8.4-1]: SUBACK first, then the retained messages [MQTT-3.3.1-6],
+                // streamed as the client reads them: never dropped at the output bound, never
+                // copied into the output buffer all at once.
                 self.send(k, &Packet::SubAck(ack));
-                let mut hits = Vec::new();
+                let mut items = std::collections::VecDeque::new();
                 for (filter, subscription) in retained {
-                    self.router.retained.for_each_match(&filter, self.clock.now, |m| hits.push(m.clone()));
-                    for msg in hits.drain(..) {
+                    self.router.retained.for_each_match(&filter, self.clock.now, |msg| {
                         let qos = msg.qos.min(subscription.options.qos);
                         let ids = if subscription.identifier != 0 { vec![subscription.identifier] } else { vec![] };
                         // [MQTT-3.3.1-8]: retained messages for a new subscription go out with retain set.
-                        let d = Delivery { msg, qos, retain: true, sub_ids: ids, group: None };
-                        self.deliver_one(sk, d, false);
+                        let d = Delivery { msg: msg.clone(), qos, retain: true, sub_ids: ids, group: None };
+                        items.push_back((d, false));
+                    });
+                }
+                if !items.is_empty() {
+                    let s = &mut self.sessions[sk];
+                    match s.backlog.as_deref_mut() {
+                        // Still streaming an earlier SUBSCRIBE's: these go after it.
+                        Some(b) => b.items.extend(items),
+                        None => s.backlog = Some(Box::new(Backlog { items, live: 0 })),
                     }
+                    self.feed_backlog(sk);
                 }
                 self.conns[k].flags.blocked = false;
                 self.turn.more_to_read.push((k, conn_uid));
@@ -357,6 +384,8 @@ impl Worker {
         for filter in &unsub.filters {
             let removed = self.sessions[sk].subscriptions.remove(filter).is_some();
             if removed {
+                self.sessions[sk].subscription_bytes -= filter.len();
+                self.shared.subscription_bytes.fetch_sub(filter.len(), Ordering::Relaxed);
                 self.drop_subscription(sk, filter);
             }
             codes.push(if removed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });

@@ -19,6 +19,7 @@ mod connect;
 mod deliver;
 mod flow;
 mod inbound;
+mod limits;
 mod mail;
 mod mailbox;
 mod stats;
@@ -39,6 +40,7 @@ use crate::ring::{Consumer, Producer};
 use crate::router::Router;
 use crate::session::{SessionKey, Sessions, Subscription};
 use conn::{CloseKind, Conn, ConnKey, Conns, Transport};
+pub use limits::{LIMITS, LIMIT_NAMES};
 pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
 use timers::{Timer, Timers};
@@ -135,6 +137,9 @@ pub struct Counters {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub publish_dropped: u64,
+    /// Refusals by byte budget, indexed by `limits::Limit`.
+    pub limits: [u64; limits::LIMITS],
+    retained_refused: u64,
     generated_ids: u64,
 }
 
@@ -154,6 +159,7 @@ pub struct Worker {
     scratch: Scratch,
     counters: Counters,
     sys: stats::SysState,
+    budget: limits::Budget,
 }
 
 impl Worker {
@@ -190,6 +196,7 @@ impl Worker {
             scratch: Scratch { read_buf: BytesMut::with_capacity(READ_CHUNK), ..Scratch::default() },
             counters: Counters::default(),
             sys: stats::SysState::new(),
+            budget: limits::Budget::default(),
             shared,
         }
     }
@@ -304,11 +311,13 @@ impl Worker {
     }
 
     fn fire_timers(&mut self) {
+        self.check_memory();
         while let Some(t) = self.timers.pop_due(self.clock.ms) {
             match t {
                 Timer::Conn(k, uid) => self.conn_timer(ConnKey(k), uid),
                 Timer::Session(sk, uid) => self.session_timer(SessionKey(sk), uid),
                 Timer::Stall(sk, uid) => self.stall_check(SessionKey(sk), uid),
+                Timer::Partial(k, uid) => self.partial_timer(ConnKey(k), uid),
             }
         }
         if self.clock.ms >= self.sys.next_tick_ms {

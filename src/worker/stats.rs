@@ -53,6 +53,9 @@ impl Worker {
         s.trie_walks.store(self.router.walks, Ordering::Relaxed);
         s.wakeups.store(self.mailbox.wakeups, Ordering::Relaxed);
         s.interest_filters.store(self.router.announced_count() as u64, Ordering::Relaxed);
+        for (to, &n) in s.limits.iter().zip(&c.limits) {
+            to.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Publishes the `$SYS/broker/...` topics (retained), with mosquitto's names.
@@ -88,7 +91,22 @@ impl Worker {
             ("$SYS/broker/internal/interest_filters", sum(|s| &s.interest_filters).to_string()),
         ];
         let loads = self.sys.load.update(received, sent, connected);
-        for (topic, value) in values.into_iter().map(|(t, v)| (t.to_string(), v)).chain(loads) {
+        let mut values: Vec<(String, String)> = values.into_iter().map(|(t, v)| (t.to_string(), v)).collect();
+        values.push(("$SYS/broker/heap/allocated".into(), crate::alloc::allocated().to_string()));
+        values.push((
+            "$SYS/broker/limits/partial_bytes/held".into(),
+            self.shared.partial_bytes.load(Ordering::Relaxed).to_string(),
+        ));
+        values.push((
+            "$SYS/broker/limits/subscription_bytes/held".into(),
+            self.shared.subscription_bytes.load(Ordering::Relaxed).to_string(),
+        ));
+        values.push(("$SYS/broker/limits/retained_bytes/held".into(), self.router.retained.bytes().to_string()));
+        for (i, name) in super::LIMIT_NAMES.iter().enumerate() {
+            let n: u64 = self.shared.stats.iter().map(|s| s.limits[i].load(Ordering::Relaxed)).sum();
+            values.push((format!("$SYS/broker/limits/{name}"), n.to_string()));
+        }
+        for (topic, value) in values.into_iter().chain(loads) {
             let msg = Message::plain(MqttStr::from(topic), Bytes::from(value), QoS::AtMostOnce, true);
             self.route(Arc::new(msg));
         }

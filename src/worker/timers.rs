@@ -17,6 +17,8 @@ pub enum Timer {
     Session(usize, u64),
     /// Whether a congested session has stalled (flow control).
     Stall(usize, u64),
+    /// Whether a connection sits silent in the middle of a packet (`partial_packet_timeout`).
+    Partial(usize, u64),
 }
 
 impl Timer {

@@ -40,6 +40,7 @@ impl Worker {
         if self.conns[k].flags.blocked || self.conns[k].paused > 0 {
             return;
         }
+        self.release_partial(k);
         let mut buf = std::mem::take(&mut self.scratch.read_buf);
         buf.clear();
         {
@@ -106,11 +107,12 @@ impl Worker {
             } else if !buf.is_empty() {
                 // Keep the partial packet with its connection; a big one keeps the whole buffer.
                 let c = &mut self.conns[k];
-                if buf.len() > 4096 {
+                if buf.len() > super::limits::PARTIAL_FREE {
                     c.rbuf = std::mem::take(&mut buf);
                 } else {
                     c.rbuf = BytesMut::from(&buf[..]);
                 }
+                self.hold_partial(k, uid);
             }
         }
         buf.clear();
