@@ -190,8 +190,16 @@ impl Config {
         if let Err(why) = parse_expiration(&self.persistent_client_expiration) {
             return bad("persistent_client_expiration", &why);
         }
-        if self.memory_limit != 0 && self.memory_limit < 16 << 20 {
-            return bad("memory_limit", "must be 0 (no ceiling) or at least 16 MiB (16777216)");
+        // The connection and session tables are reserved at start, about 512 bytes per
+        // `max_connections`: a ceiling must leave room for at least as much again.
+        let reserved = self.max_connections.saturating_mul(512);
+        if self.memory_limit != 0 && self.memory_limit < (16 << 20) + 2 * reserved {
+            let why = format!(
+                "must be 0 (no ceiling) or at least 16 MiB plus 1 KiB per max_connections ({} bytes here): \
+                 tern reserves its connection and session tables at start",
+                (16 << 20) + 2 * reserved
+            );
+            return bad("memory_limit", &why);
         }
         Ok(())
     }

@@ -227,6 +227,9 @@ impl Worker {
             return;
         }
         c.flags.closed = true;
+        // Its input is never read again: free it now, not at the end of the turn (a turn can
+        // close many connections, each holding up to `max_packet_size`).
+        c.rbuf = BytesMut::new();
         if c.partial > 0 {
             self.shared.partial_bytes.fetch_sub(std::mem::take(&mut c.partial) as usize, Ordering::Relaxed);
         }

@@ -67,10 +67,12 @@ impl Worker {
     pub(super) fn route_view(&mut self, m: &View<'_>, mut shared: Option<Arc<Message>>) -> bool {
         let mut peers = std::mem::take(&mut self.scratch.peers);
         peers.clear();
+        let mut keep = false;
         if m.retain {
             peers.extend(self.mailbox.peers().map(|p| p as u16));
             let msg = shared.get_or_insert_with(|| m.to_message()).clone();
-            self.store_retained(&msg);
+            keep = self.room_to_retain(&msg);
+            self.store_retained(&msg, keep);
         } else {
             self.router.peers_matching(m.topic, &mut peers);
         }
@@ -80,7 +82,7 @@ impl Worker {
             if m.qos != QoS::AtMostOnce {
                 self.mailbox.charge(p as usize);
             }
-            self.mailbox.send(p as usize, Mail::Publish(msg));
+            self.mailbox.send(p as usize, Mail::Publish { msg, keep });
         }
         self.scratch.peers = peers;
         self.deliver(m, &mut shared) || remote
@@ -364,42 +366,47 @@ impl Worker {
         }
     }
 
-    /// Keeps (or clears) a topic's retained message in this worker's replica of the store. Every
-    /// worker applies the same bounds to the same messages, so only worker 0 counts and logs
-    /// what they refuse. The replicas share the messages themselves (`Arc`).
-    pub(super) fn store_retained(&mut self, msg: &Arc<Message>) {
-        let retained = &mut self.router.retained;
+    /// Keeps (`keep`) or clears a topic's retained message in this worker's replica of the
+    /// store. The replicas share the messages themselves (`Arc`).
+    pub(super) fn store_retained(&mut self, msg: &Arc<Message>, keep: bool) {
         if msg.payload.is_empty() {
             // [MQTT-3.3.1-10]/[MQTT-3.3.1-11]: an empty retained message clears the topic.
-            retained.remove(&msg.topic);
-            return;
+            self.router.retained.remove(&msg.topic);
+        } else if keep {
+            self.router.retained.insert(msg.clone());
         }
+    }
+
+    /// On the worker a retained message enters by: is there room to keep it? Replacing a topic's
+    /// message with one no larger, or clearing it, always fits; otherwise `max_retained_messages`,
+    /// `max_retained_bytes` and `memory_limit` apply. A refusal is counted and logged (the first,
+    /// then each time the count doubles, so a flood does not flood the log); the message is
+    /// still delivered.
+    fn room_to_retain(&mut self, msg: &Message) -> bool {
+        use super::limits::Limit;
+        let retained = &self.router.retained;
         let old = retained.get(&msg.topic).map(|m| m.size());
-        let config = &self.shared.config;
-        let refused = if old.is_none() && retained.len() >= config.max_retained_messages {
-            Some(("max_retained_messages", None))
-        } else if retained.bytes() - old.unwrap_or(0) + msg.size() > config.max_retained_bytes {
-            Some(("max_retained_bytes", Some(super::limits::Limit::RetainedBytes)))
-        } else {
-            None
-        };
-        match refused {
-            None => {
-                retained.insert(msg.clone());
-            }
-            Some((key, limit)) if self.id == 0 => {
-                self.counters.publish_dropped += 1;
-                self.counters.retained_refused += 1;
-                if let Some(l) = limit {
-                    self.count(l);
-                }
-                // The first refusal, then every time the count doubles: a flood does not flood the log.
-                let n = self.counters.retained_refused;
-                if n.is_power_of_two() {
-                    log::warn!("{key} reached: not retaining {} ({} bytes; {n} refused so far)", msg.topic, msg.size());
-                }
-            }
-            Some(_) => {}
+        if msg.payload.is_empty() || old.is_some_and(|o| o >= msg.size()) {
+            return true;
         }
+        let config = &self.shared.config;
+        let (key, limit) = if old.is_none() && retained.len() >= config.max_retained_messages {
+            ("max_retained_messages", None)
+        } else if retained.bytes() - old.unwrap_or(0) + msg.size() > config.max_retained_bytes {
+            ("max_retained_bytes", Some(Limit::RetainedBytes))
+        } else if self.budget.over_memory {
+            ("memory_limit", Some(Limit::MemoryRetained))
+        } else {
+            return true;
+        };
+        self.counters.retained_refused += 1;
+        if let Some(l) = limit {
+            self.count(l);
+        }
+        let n = self.counters.retained_refused;
+        if n.is_power_of_two() {
+            log::warn!("{key} reached: not retaining {} ({} bytes; {n} refused by this worker)", msg.topic, msg.size());
+        }
+        false
     }
 }

@@ -36,11 +36,13 @@ pub enum Limit {
     MemoryConnections,
     /// QoS 0 messages shed: `memory_limit`.
     MemoryQos0,
+    /// Retained messages not stored: `memory_limit`.
+    MemoryRetained,
     /// Persistent sessions removed: `persistent_client_expiration`.
     SessionsExpired,
 }
 
-pub const LIMITS: usize = 9;
+pub const LIMITS: usize = 10;
 
 pub const LIMIT_NAMES: [&str; LIMITS] = [
     "partial_bytes/closed",
@@ -51,6 +53,7 @@ pub const LIMIT_NAMES: [&str; LIMITS] = [
     "queued_bytes/dropped",
     "memory/connections_refused",
     "memory/qos0_shed",
+    "memory/retained_refused",
     "persistent_client_expiration/expired",
 ];
 
@@ -120,9 +123,7 @@ impl Worker {
             let total = self.shared.partial_bytes.fetch_add(held, Ordering::Relaxed) + held;
             c.partial = held as u32;
             if total > self.shared.config.max_partial_bytes {
-                self.count(Limit::PartialBytes);
-                let why = "max_partial_bytes reached: too many bytes held by partly received packets";
-                self.disconnect_with(k, ReasonCode::QUOTA_EXCEEDED, why);
+                self.over_partial_budget(k);
                 return false;
             }
         }
@@ -133,6 +134,19 @@ impl Worker {
             self.timers.arm(at, Timer::Partial(k.0, uid));
         }
         true
+    }
+
+    /// Whether a packet of `size` bytes may be buffered whole under `max_partial_bytes` (checked
+    /// before its buffer is allocated).
+    pub(super) fn partial_room(&self, size: usize) -> bool {
+        self.shared.partial_bytes.load(Ordering::Relaxed) + size <= self.shared.config.max_partial_bytes
+    }
+
+    /// Closes a connection whose packet in progress does not fit in `max_partial_bytes`.
+    pub(super) fn over_partial_budget(&mut self, k: ConnKey) {
+        self.count(Limit::PartialBytes);
+        let why = "max_partial_bytes reached: too many bytes held by partly received packets";
+        self.disconnect_with(k, ReasonCode::QUOTA_EXCEEDED, why);
     }
 
     /// A partial-packet deadline: a connection still in the middle of a packet and silent for

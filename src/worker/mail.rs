@@ -18,12 +18,12 @@ impl Worker {
 
     fn on_mail(&mut self, from: usize, mail: Mail) {
         match mail {
-            Mail::Publish(msg) => {
+            Mail::Publish { msg, keep } => {
                 if msg.qos != crate::codec::QoS::AtMostOnce {
                     self.mailbox.owe_credit(from);
                 }
                 if msg.retain {
-                    self.store_retained(&msg);
+                    self.store_retained(&msg, keep);
                 }
                 self.deliver_local(&msg);
             }

@@ -27,8 +27,13 @@ pub type Ticket = u32;
 /// What one worker sends another. Kept to 16 bytes (larger variants are boxed): a ring is an
 /// array of these, one ring per ordered pair of workers.
 pub enum Mail {
-    /// A message to deliver to the receiver's matching sessions (and, retained, to store).
-    Publish(Arc<Message>),
+    /// A message to deliver to the receiver's matching sessions; a retained one is stored in the
+    /// receiver's replica if `keep` (the sender found room for it under the retained budgets, so
+    /// every replica makes the same choice).
+    Publish {
+        msg: Arc<Message>,
+        keep: bool,
+    },
     /// A connection whose client id lives on the receiving worker.
     Handover(Box<Handover>),
     /// The sender now wants (or no longer wants) messages matching these filters. With a ticket,
@@ -197,7 +202,7 @@ impl Mailbox {
     /// mail is held.
     fn hold(&mut self, to: usize, mail: Mail) {
         let droppable = match &mail {
-            Mail::Publish(m) => m.qos == crate::codec::QoS::AtMostOnce,
+            Mail::Publish { msg, .. } => msg.qos == crate::codec::QoS::AtMostOnce,
             Mail::Handover(_) => true,
             _ => false,
         };

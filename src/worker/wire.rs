@@ -131,9 +131,15 @@ impl Worker {
             let (first, hl, size) = match next_frame(buf, version, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    // Make room for the whole packet once its size is known (bounded by `max`).
+                    // Make room for the whole packet once its size is known (bounded by `max`),
+                    // if `max_partial_bytes` has room for it.
                     if let Ok(Some((_, hl, rem))) = parse_fixed_header(buf) {
                         if hl + rem > buf.capacity() {
+                            if !self.partial_room(hl + rem) {
+                                buf.clear();
+                                self.over_partial_budget(k);
+                                return false;
+                            }
                             buf.reserve(hl + rem - buf.len());
                         }
                     }

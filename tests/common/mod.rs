@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -230,3 +231,43 @@ impl Client {
 /// Every test runs with one worker and with four, so that clients sit on different workers and
 /// handover and cross-worker delivery are exercised.
 pub const WORKER_COUNTS: [usize; 2] = [1, 4];
+
+/// Runs the real binary on an ephemeral port; returns it and its port.
+pub fn spawn_tern(extra: &[&str], config: &str) -> (Child, u16, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tern-test-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tern.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["-c", file.to_str().unwrap(), "-p", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tern binary runs");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let port = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("tern logs its address");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    (child, port, dir)
+}
+
+pub fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
