@@ -3,6 +3,7 @@
 //! duplication, and prints a table and one JSON line per run.
 
 mod client;
+mod fuzz;
 mod mqtt;
 mod plot;
 mod report;
@@ -24,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run one load scenario against a broker.
     Run(RunArgs),
+    /// Mutated packets from many connections with random client ids, and a healthy pair that
+    /// must keep working (loopback only).
+    Fuzz(fuzz::FuzzArgs),
     /// Draw SVG charts from JSON result lines (as written with --json).
     Plot {
         /// JSON-lines file of results.
@@ -165,6 +169,7 @@ fn main() {
             }
             client::run(args)
         }
+        Command::Fuzz(args) => fuzz::run(args),
         Command::Plot { input, out_dir } => plot::plot(&input, &out_dir),
         Command::Summarize { input, out, first, second } => plot::summarize(&input, &out, &first, &second),
     };

@@ -35,7 +35,7 @@ impl Worker {
             return None;
         }
         if self.budget.over_memory {
-            self.count(super::limits::Limit::MemoryConnections);
+            let _ = self.count(super::limits::Limit::MemoryConnections);
             self.refuse(k, ConnectReturnCode::SERVER_UNAVAILABLE, ReasonCode::SERVER_BUSY, "memory_limit reached");
             return None;
         }
@@ -311,7 +311,7 @@ impl Worker {
         if s.conn.is_none() && s.expires_at(persistent).is_some_and(|at| at <= now) {
             if s.expiry_interval == NEVER {
                 log::info!("client {}: persistent session expired (persistent_client_expiration)", s.client_id);
-                self.count(super::limits::Limit::SessionsExpired);
+                let _ = self.count(super::limits::Limit::SessionsExpired);
             }
             self.end_session(sk);
         } else {

@@ -292,6 +292,14 @@ impl Worker {
     }
 
     fn offer_now(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
+        if self.budget.over_memory && self.sessions[sk].conn.is_none() {
+            // Past `memory_limit` no offline queue grows: the many sessions nobody reads are
+            // where a broker's memory goes.
+            self.counters.publish_dropped += 1;
+            let client = self.sessions[sk].client_id.clone();
+            let what = || format!("memory_limit reached: not queueing for offline client {client}");
+            return self.over_budget(super::limits::Limit::MemoryQueued, what);
+        }
         let config = &self.shared.config;
         let max_queued = QueueBound { messages: config.max_queued_messages, bytes: config.max_queued_bytes };
         let publisher = if pace { d.msg.publisher } else { None };
@@ -313,7 +321,9 @@ impl Worker {
             Offer::Dropped => self.counters.publish_dropped += 1,
             Offer::DroppedBytes => {
                 self.counters.publish_dropped += 1;
-                self.count(super::limits::Limit::QueuedBytes);
+                let client = self.sessions[sk].client_id.clone();
+                let what = || format!("max_queued_bytes reached: dropping a message for client {client}");
+                self.over_budget(super::limits::Limit::QueuedBytes, what);
             }
             Offer::Queued => {
                 if let Some(p) = publisher {
@@ -380,8 +390,7 @@ impl Worker {
     /// On the worker a retained message enters by: is there room to keep it? Replacing a topic's
     /// message with one no larger, or clearing it, always fits; otherwise `max_retained_messages`,
     /// `max_retained_bytes` and `memory_limit` apply. A refusal is counted and logged (the first,
-    /// then each time the count doubles, so a flood does not flood the log); the message is
-    /// still delivered.
+    /// then each time the count doubles); the message is still delivered.
     fn room_to_retain(&mut self, msg: &Message) -> bool {
         use super::limits::Limit;
         let retained = &self.router.retained;
@@ -391,22 +400,15 @@ impl Worker {
         }
         let config = &self.shared.config;
         let (key, limit) = if old.is_none() && retained.len() >= config.max_retained_messages {
-            ("max_retained_messages", None)
+            ("max_retained_messages", Limit::RetainedMessages)
         } else if retained.bytes() - old.unwrap_or(0) + msg.size() > config.max_retained_bytes {
-            ("max_retained_bytes", Some(Limit::RetainedBytes))
+            ("max_retained_bytes", Limit::RetainedBytes)
         } else if self.budget.over_memory {
-            ("memory_limit", Some(Limit::MemoryRetained))
+            ("memory_limit", Limit::MemoryRetained)
         } else {
             return true;
         };
-        self.counters.retained_refused += 1;
-        if let Some(l) = limit {
-            self.count(l);
-        }
-        let n = self.counters.retained_refused;
-        if n.is_power_of_two() {
-            log::warn!("{key} reached: not retaining {} ({} bytes; {n} refused by this worker)", msg.topic, msg.size());
-        }
+        self.over_budget(limit, || format!("{key} reached: not retaining {} ({} bytes)", msg.topic, msg.size()));
         false
     }
 }

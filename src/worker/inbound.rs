@@ -162,7 +162,8 @@ impl Worker {
         } else if p.qos == QoS::AtMostOnce && self.budget.over_memory {
             // Past `memory_limit` QoS 0 is shed first: nothing was promised for it.
             self.counters.publish_dropped += 1;
-            self.count(super::limits::Limit::MemoryQos0);
+            let what = || format!("memory_limit reached: shedding QoS 0 messages (to {topic})");
+            self.over_budget(super::limits::Limit::MemoryQos0, what);
         } else if fresh {
             let m = View {
                 topic,
@@ -236,9 +237,8 @@ impl Worker {
                 continue;
             }
             if new {
-                if let Some(limit) = self.subscription_budget(sk, filter.len()) {
+                if !self.subscription_fits(sk, filter.len()) {
                     codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
-                    self.count(limit);
                     continue;
                 }
             }

@@ -24,6 +24,8 @@ pub enum Limit {
     PartialBytes,
     /// Connections closed: silent in the middle of a packet for `partial_packet_timeout`.
     PartialTimeout,
+    /// Retained messages not stored: `max_retained_messages`.
+    RetainedMessages,
     /// Retained messages not stored: `max_retained_bytes`.
     RetainedBytes,
     /// Filters refused: `max_subscription_bytes_per_client`.
@@ -38,24 +40,48 @@ pub enum Limit {
     MemoryQos0,
     /// Retained messages not stored: `memory_limit`.
     MemoryRetained,
+    /// QoS 1/2 messages not queued for an offline session: `memory_limit`.
+    MemoryQueued,
     /// Persistent sessions removed: `persistent_client_expiration`.
     SessionsExpired,
 }
 
-pub const LIMITS: usize = 10;
+pub const LIMITS: usize = Limit::ALL.len();
 
-pub const LIMIT_NAMES: [&str; LIMITS] = [
-    "partial_bytes/closed",
-    "partial_packet_timeout/closed",
-    "retained_bytes/refused",
-    "subscription_bytes_per_client/refused",
-    "subscription_bytes/refused",
-    "queued_bytes/dropped",
-    "memory/connections_refused",
-    "memory/qos0_shed",
-    "memory/retained_refused",
-    "persistent_client_expiration/expired",
-];
+impl Limit {
+    pub const ALL: [Limit; 12] = [
+        Limit::PartialBytes,
+        Limit::PartialTimeout,
+        Limit::RetainedMessages,
+        Limit::RetainedBytes,
+        Limit::ClientSubscriptionBytes,
+        Limit::SubscriptionBytes,
+        Limit::QueuedBytes,
+        Limit::MemoryConnections,
+        Limit::MemoryQos0,
+        Limit::MemoryRetained,
+        Limit::MemoryQueued,
+        Limit::SessionsExpired,
+    ];
+
+    /// Its topic under `$SYS/broker/limits/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::PartialBytes => "partial_bytes/closed",
+            Limit::PartialTimeout => "partial_packet_timeout/closed",
+            Limit::RetainedMessages => "retained_messages/refused",
+            Limit::RetainedBytes => "retained_bytes/refused",
+            Limit::ClientSubscriptionBytes => "subscription_bytes_per_client/refused",
+            Limit::SubscriptionBytes => "subscription_bytes/refused",
+            Limit::QueuedBytes => "queued_bytes/dropped",
+            Limit::MemoryConnections => "memory/connections_refused",
+            Limit::MemoryQos0 => "memory/qos0_shed",
+            Limit::MemoryRetained => "memory/retained_refused",
+            Limit::MemoryQueued => "memory/offline_queue_dropped",
+            Limit::SessionsExpired => "persistent_client_expiration/expired",
+        }
+    }
+}
 
 /// The worker's view of the broker-wide heap, taken once per loop turn.
 #[derive(Default)]
@@ -64,8 +90,20 @@ pub struct Budget {
 }
 
 impl Worker {
-    pub(super) fn count(&mut self, limit: Limit) {
-        self.counters.limits[limit as usize] += 1;
+    /// Counts a refusal; returns the count so far on this worker.
+    pub(super) fn count(&mut self, limit: Limit) -> u64 {
+        let n = &mut self.counters.limits[limit as usize];
+        *n += 1;
+        *n
+    }
+
+    /// Counts a refusal that can come in floods (one per message or filter) and logs it: the
+    /// first, then each time the count doubles.
+    pub(super) fn over_budget(&mut self, limit: Limit, what: impl FnOnce() -> String) {
+        let n = self.count(limit);
+        if n.is_power_of_two() {
+            log::warn!("worker {}: {} ({n} so far)", self.id, what());
+        }
     }
 
     /// Once per turn: is the heap past `memory_limit`? Logged when it crosses either way.
@@ -88,9 +126,9 @@ impl Worker {
         }
     }
 
-    /// Whether session `sk` may add a filter of `len` bytes: `None`, or the budget it would pass
-    /// (logged).
-    pub(super) fn subscription_budget(&mut self, sk: SessionKey, len: usize) -> Option<Limit> {
+    /// Whether session `sk` may add a filter of `len` bytes under the subscription budgets (a
+    /// refusal is counted and logged).
+    pub(super) fn subscription_fits(&mut self, sk: SessionKey, len: usize) -> bool {
         let config = &self.shared.config;
         let s = &self.sessions[sk];
         let (limit, key) = if s.subscription_bytes + len > config.max_subscription_bytes_per_client {
@@ -98,10 +136,11 @@ impl Worker {
         } else if self.shared.subscription_bytes.load(Ordering::Relaxed) + len > config.max_subscription_bytes {
             (Limit::SubscriptionBytes, "max_subscription_bytes")
         } else {
-            return None;
+            return true;
         };
-        log::info!("client {}: {key} reached, refusing a filter of {len} bytes", s.client_id);
-        Some(limit)
+        let client = s.client_id.clone();
+        self.over_budget(limit, || format!("{key} reached: refusing a filter of {len} bytes from client {client}"));
+        false
     }
 
     /// Before reading a connection: what it kept from last time is taken back off the budget.
@@ -144,7 +183,7 @@ impl Worker {
 
     /// Closes a connection whose packet in progress does not fit in `max_partial_bytes`.
     pub(super) fn over_partial_budget(&mut self, k: ConnKey) {
-        self.count(Limit::PartialBytes);
+        let _ = self.count(Limit::PartialBytes);
         let why = "max_partial_bytes reached: too many bytes held by partly received packets";
         self.disconnect_with(k, ReasonCode::QUOTA_EXCEEDED, why);
     }
@@ -171,8 +210,22 @@ impl Worker {
             return;
         }
         c.flags.partial_timer = false;
-        self.count(Limit::PartialTimeout);
+        let _ = self.count(Limit::PartialTimeout);
         let why = "partial_packet_timeout: silent in the middle of a packet";
         self.disconnect_with(k, ReasonCode::KEEP_ALIVE_TIMEOUT, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_limit_has_its_own_counter_slot_and_name() {
+        for (i, l) in Limit::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i, "{l:?} indexes its own counter");
+        }
+        let names: std::collections::HashSet<_> = Limit::ALL.iter().map(|l| l.name()).collect();
+        assert_eq!(names.len(), LIMITS);
     }
 }

@@ -40,7 +40,7 @@ use crate::ring::{Consumer, Producer};
 use crate::router::Router;
 use crate::session::{SessionKey, Sessions, Subscription};
 use conn::{CloseKind, Conn, ConnKey, Conns, Transport};
-pub use limits::{LIMITS, LIMIT_NAMES};
+pub use limits::LIMITS;
 pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
 use timers::{Timer, Timers};
@@ -139,7 +139,6 @@ pub struct Counters {
     pub publish_dropped: u64,
     /// Refusals by byte budget, indexed by `limits::Limit`.
     pub limits: [u64; limits::LIMITS],
-    retained_refused: u64,
     generated_ids: u64,
 }
 

@@ -102,9 +102,9 @@ impl Worker {
             self.shared.subscription_bytes.load(Ordering::Relaxed).to_string(),
         ));
         values.push(("$SYS/broker/limits/retained_bytes/held".into(), self.router.retained.bytes().to_string()));
-        for (i, name) in super::LIMIT_NAMES.iter().enumerate() {
-            let n: u64 = self.shared.stats.iter().map(|s| s.limits[i].load(Ordering::Relaxed)).sum();
-            values.push((format!("$SYS/broker/limits/{name}"), n.to_string()));
+        for limit in super::limits::Limit::ALL {
+            let n: u64 = self.shared.stats.iter().map(|s| s.limits[limit as usize].load(Ordering::Relaxed)).sum();
+            values.push((format!("$SYS/broker/limits/{}", limit.name()), n.to_string()));
         }
         for (topic, value) in values.into_iter().chain(loads) {
             let msg = Message::plain(MqttStr::from(topic), Bytes::from(value), QoS::AtMostOnce, true);

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Fuzz soak: mutated MQTT over TCP from many short connections with random client ids (half of
+# them persistent sessions), some stopping mid-packet, and one healthy QoS 1 pair, against tern
+# for DURATION seconds (default 600). The broker's RSS is sampled every 5 s. Passes if tern is
+# still running, logged no panic, the healthy pair never missed a message, and RSS over the last
+# half of the run stays within 10% of its lowest value there. Loopback only, bounded in time.
+# Writes perf/report/soak/{rss.csv,fuzz.json,SOAK.md}.
+#
+#   perf/soak.sh                  # 10 minutes
+#   DURATION=60 perf/soak.sh      # a quick look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-600}
+PORT=${PORT:-18850}
+OUT=${OUT:-perf/report/soak}
+WORKERS=${WORKERS:-2}
+THREADS=${THREADS:-8}
+TERN=${TERN:-target/release/tern}
+BROKER_CPU=
+
+# shellcheck source=perf/lib.sh
+. perf/lib.sh
+prepare_run
+
+# Budgets low enough to be reached within the run, so that "flat" means bounded, not "not
+# full yet": abandoned persistent sessions go after a minute, partial packets after 5 s, and
+# the heap stops at 256 MiB (every persistent session subscribed to fuzz/# queues a copy of
+# every QoS 1/2 message the fuzzer sends: without a ceiling that is millions of queue entries).
+cat > "$WORK/soak.toml" <<CONF
+port = $PORT
+workers = $WORKERS
+pin_workers = false
+log_level = "warn"
+persistent_client_expiration = "1m"
+partial_packet_timeout = 5
+max_retained_messages = 20000
+max_retained_bytes = 16777216
+memory_limit = 268435456
+CONF
+"$TERN" -c "$WORK/soak.toml" 2> "$WORK/tern.log" &
+BPID=$!
+for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
+    sleep 0.05
+done
+
+echo "seconds,rss_kb" > "$OUT/rss.csv"
+(
+    start=$(date +%s)
+    while kill -0 "$BPID" 2>/dev/null; do
+        rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$BPID/status" 2>/dev/null || echo 0)
+        echo "$(( $(date +%s) - start )),$rss" >> "$OUT/rss.csv"
+        sleep 5
+    done
+) &
+SAMPLER=$!
+
+fuzz_ok=0
+"$LT" fuzz --port "$PORT" --duration "$DURATION" --threads "$THREADS" > "$OUT/fuzz.json" || fuzz_ok=$?
+kill "$SAMPLER" 2>/dev/null || true
+alive=yes
+kill -0 "$BPID" 2>/dev/null || alive=no
+panics=$(grep -ciE "panick|died" "$WORK/tern.log" || true)
+stop_broker
+
+# Flatness over the second half of the samples.
+read -r lo hi n < <(awk -F, -v d="$DURATION" 'NR > 1 && $1 >= d / 2 && $1 <= d {
+        if (lo == "" || $2 < lo) lo = $2; if ($2 > hi) hi = $2; n++ } END { print lo, hi, n }' "$OUT/rss.csv")
+growth=$(awk -v lo="$lo" -v hi="$hi" 'BEGIN { printf "%.1f", (lo > 0) ? 100 * (hi - lo) / lo : 0 }')
+first=$(awk -F, 'NR == 2 {print $2}' "$OUT/rss.csv")
+peak=$(awk -F, 'NR > 1 && $2 > m {m = $2} END {print m}' "$OUT/rss.csv")
+verdict=pass
+if [ "$alive" != yes ] || [ "$panics" != 0 ] || [ "$fuzz_ok" != 0 ] || awk -v g="$growth" 'BEGIN { exit !(g > 10) }'; then
+    verdict=FAIL
+fi
+
+{
+    echo "# tern under a fuzz soak"
+    echo
+    echo "Made by \`perf/soak.sh\` (DURATION=$DURATION s, $THREADS fuzzing threads, $WORKERS workers) on $(date -u +%F), tern $(git rev-parse --short HEAD), $(nproc) CPUs."
+    echo
+    echo "| | |"
+    echo "|---|---|"
+    echo "| fuzzer | \`$(cat "$OUT/fuzz.json")\` |"
+    echo "| RSS at start / peak | ${first} kB / ${peak} kB |"
+    echo "| RSS over the last half: lowest / highest | ${lo} kB / ${hi} kB (+${growth}%, $n samples) |"
+    echo "| broker still running, panics logged | $alive, $panics |"
+    echo "| verdict | $verdict |"
+    echo
+    echo "RSS every 5 s is in \`rss.csv\`."
+} > "$OUT/SOAK.md"
+cat "$OUT/SOAK.md"
+[ "$verdict" = pass ]
