@@ -59,6 +59,9 @@ pub struct Shared {
     pub partial_bytes: AtomicUsize,
     /// Bytes of topic filters over all sessions (`max_subscription_bytes`).
     pub subscription_bytes: AtomicUsize,
+    /// Every listener (`Config::listeners()`), and the TLS configuration of those with TLS.
+    pub listeners: Vec<crate::config::ListenerConfig>,
+    pub tls: crate::transport::TlsConfigs,
 }
 
 impl Shared {
@@ -93,7 +96,8 @@ mod tests {
 }
 
 pub struct Broker {
-    addr: SocketAddr,
+    /// Each listener's bound address, in `Config::listeners()` order.
+    addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -113,12 +117,23 @@ impl Broker {
     pub fn start(config: Config) -> io::Result<Broker> {
         config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let n = config.worker_count();
-        // The first bind settles the port (port 0 picks one); the others share it.
-        let first = listener(config.addr())?;
-        let addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..n {
-            listeners.push(listener(addr)?);
+        let specs = config.listeners();
+        let tls =
+            crate::transport::TlsConfigs::load(&specs).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // Per listener, one socket per worker: the first bind settles the port (port 0 picks
+        // one); the others share it through SO_REUSEPORT. listeners[worker][listener]
+        let mut listeners: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let wanted = SocketAddr::new(spec.bind.unwrap_or(config.bind), spec.port);
+            let first =
+                listener(wanted).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {wanted}: {e}")))?;
+            let addr = first.local_addr()?;
+            listeners[0].push(first);
+            for l in listeners.iter_mut().skip(1) {
+                l.push(listener(addr)?);
+            }
+            addrs.push(addr);
         }
         let mut polls = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
@@ -152,6 +167,8 @@ impl Broker {
             failed: AtomicBool::new(false),
             partial_bytes: AtomicUsize::new(0),
             subscription_bytes: AtomicUsize::new(0),
+            listeners: specs,
+            tls,
             config,
         });
         let cores = if shared.config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { vec![] };
@@ -161,7 +178,7 @@ impl Broker {
         {
             let shared = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-            let listener = mio::net::TcpListener::from_std(listener);
+            let listener = listener.into_iter().map(mio::net::TcpListener::from_std).collect();
             let t = std::thread::Builder::new().name(format!("tern-worker-{id}")).spawn(move || {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
@@ -187,12 +204,27 @@ impl Broker {
             })?;
             threads.push(t);
         }
-        log::info!("tern {} listening on {addr} with {n} worker(s)", env!("CARGO_PKG_VERSION"));
-        Ok(Broker { addr, shared, threads })
+        log::info!("tern {} listening on {} with {n} worker(s)", env!("CARGO_PKG_VERSION"), addrs[0]);
+        for (i, (spec, addr)) in shared.listeners.iter().zip(&addrs).enumerate().skip(1) {
+            log::info!("listener {i} on {addr} ({})", spec.scheme());
+        }
+        Ok(Broker { addrs, shared, threads })
     }
 
+    /// The plain listener's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// Every listener's address, the plain one first, then `[[listener]]` in order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Re-reads TLS certificates and keys (SIGHUP); connections keep theirs. Returns the errors
+    /// of listeners that keep their old configuration.
+    pub fn reload_tls(&self) -> Vec<String> {
+        self.stopper().reload_tls()
     }
 
     /// Whether every worker thread is still running (none has died of a panic).
@@ -225,6 +257,11 @@ impl Broker {
 pub struct Stopper(Arc<Shared>);
 
 impl Stopper {
+    /// See `Broker::reload_tls`.
+    pub fn reload_tls(&self) -> Vec<String> {
+        self.0.tls.reload(&self.0.listeners)
+    }
+
     pub fn stop(&self) {
         self.0.shutdown.store(true, Ordering::SeqCst);
         for w in &self.0.wakers {

@@ -2,7 +2,7 @@
 //! that works with no file at all; an unknown key or a bad value is an error naming the key.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -75,6 +75,100 @@ pub struct Config {
     /// is kept disconnected: mosquitto's syntax, a number and one of h, d, w, m (months), y, plus
     /// s for seconds; `never` keeps them forever.
     pub persistent_client_expiration: String,
+    /// More listeners (`[[listener]]`), beside the plain one at `bind`:`port`.
+    pub listener: Vec<ListenerConfig>,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Mqtt,
+    Websockets,
+}
+
+/// One `[[listener]]`, with mosquitto's key names. With `certfile` and `keyfile` it is TLS.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub port: u16,
+    /// Defaults to the top-level `bind`.
+    pub bind: Option<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub cafile: Option<PathBuf>,
+    /// The server's certificate chain (PEM).
+    pub certfile: Option<PathBuf>,
+    /// The server's private key (PEM).
+    pub keyfile: Option<PathBuf>,
+    /// Revoked client certificates (PEM CRLs), checked with `cafile`.
+    pub crlfile: Option<PathBuf>,
+    /// A client certificate signed by `cafile` is required.
+    #[serde(default)]
+    pub require_certificate: bool,
+    /// The client certificate's subject CN is the client's username (the one in CONNECT is
+    /// ignored); a client without a certificate is refused.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+}
+
+impl ListenerConfig {
+    pub fn plain(bind: IpAddr, port: u16) -> ListenerConfig {
+        ListenerConfig {
+            port,
+            bind: Some(bind),
+            protocol: Protocol::Mqtt,
+            cafile: None,
+            certfile: None,
+            keyfile: None,
+            crlfile: None,
+            require_certificate: false,
+            use_identity_as_username: false,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.certfile.is_some() || self.keyfile.is_some()
+    }
+
+    /// mqtt, mqtts, ws or wss.
+    pub fn scheme(&self) -> &'static str {
+        match (self.protocol, self.is_tls()) {
+            (Protocol::Mqtt, false) => "mqtt",
+            (Protocol::Mqtt, true) => "mqtts",
+            (Protocol::Websockets, false) => "ws",
+            (Protocol::Websockets, true) => "wss",
+        }
+    }
+
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let bad =
+            |why: String| Err(ConfigError::Invalid { key: "listener", why: format!("listener {}: {why}", i + 1) });
+        if self.certfile.is_some() != self.keyfile.is_some() {
+            return bad("`certfile` and `keyfile` go together".into());
+        }
+        if (self.require_certificate || self.use_identity_as_username) && self.cafile.is_none() {
+            return bad("`require_certificate` and `use_identity_as_username` need `cafile`".into());
+        }
+        if self.cafile.is_some() && !self.is_tls() {
+            return bad("`cafile` needs `certfile` and `keyfile` (TLS)".into());
+        }
+        for (key, path) in [
+            ("cafile", &self.cafile),
+            ("certfile", &self.certfile),
+            ("keyfile", &self.keyfile),
+            ("crlfile", &self.crlfile),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::metadata(p) {
+                    return bad(format!("`{key}` {}: {e}", p.display()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -106,6 +200,7 @@ impl Default for Config {
             max_queued_bytes: 16 << 20,
             memory_limit: 0,
             persistent_client_expiration: "7d".into(),
+            listener: Vec::new(),
         }
     }
 }
@@ -187,6 +282,9 @@ impl Config {
         if self.max_partial_bytes < self.max_packet_size as usize {
             return bad("max_partial_bytes", "must be at least max_packet_size");
         }
+        for (i, l) in self.listener.iter().enumerate() {
+            l.validate(i)?;
+        }
         if let Err(why) = parse_expiration(&self.persistent_client_expiration) {
             return bad("persistent_client_expiration", &why);
         }
@@ -206,6 +304,15 @@ impl Config {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
+    }
+
+    /// Every listener: the plain one at `bind`:`port` first, then `[[listener]]` in order.
+    pub fn listeners(&self) -> Vec<ListenerConfig> {
+        let mut all = vec![ListenerConfig::plain(self.bind, self.port)];
+        all.extend(
+            self.listener.iter().map(|l| ListenerConfig { bind: Some(l.bind.unwrap_or(self.bind)), ..l.clone() }),
+        );
+        all
     }
 
     pub fn worker_count(&self) -> usize {

@@ -40,6 +40,7 @@ pub mod router;
 pub mod session;
 pub mod sys;
 pub mod topic;
+pub mod transport;
 mod worker;
 
 pub use broker::{Broker, Stopper};

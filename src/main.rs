@@ -68,18 +68,30 @@ fn main() -> ExitCode {
         }
     };
     let stopper = broker.stopper();
-    let mut signals =
-        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == SIGHUP {
+                // Certificates renewed (certbot and friends): new connections get the new ones.
+                let errors = stopper.reload_tls();
+                if errors.is_empty() {
+                    log::info!("SIGHUP: TLS certificates and keys reloaded");
+                }
+                for e in errors {
+                    log::error!("SIGHUP: keeping the old TLS configuration: {e}");
+                }
+                continue;
+            }
             log::info!("signal {sig}: shutting down");
             stopper.stop();
+            break;
         }
     });
     if !broker.join() {

@@ -123,7 +123,7 @@ fn mutate(rng: &mut Rng, out: &mut Vec<u8>, start: usize) {
             }
         }
         4 if len > 1 => out[start + 1] = rng.next() as u8 | 0x80, // remaining length continues
-        _ => out[start] = rng.next() as u8,                        // any packet type and flags
+        _ => out[start] = rng.next() as u8,                       // any packet type and flags
     }
 }
 

@@ -3,73 +3,19 @@
 //! `Conns` is that slab, with typed keys and a uid per connection so a reused slab key is never
 //! mistaken for the connection that had it before.
 //!
-//! The transport is the seam TLS and WebSockets plug into: everything above `Transport` sees MQTT
-//! bytes only.
+//! The transport (`crate::transport`: TCP, TLS, WebSockets) sits below: everything here sees
+//! MQTT bytes only.
 
-use std::io::{self, Read, Write};
 use std::ops::{Index, IndexMut};
 
 use bytes::BytesMut;
-use mio::net::TcpStream;
 use slab::Slab;
 
 use crate::codec::{Ack, MqttStr, Packet, PacketId, Properties, ProtocolVersion, PublishHeader};
 pub use crate::session::ConnKey;
 use crate::session::{Delivery, Outlet, SessionKey};
 
-/// The bytes under MQTT. Plain TCP today; TLS and WebSocket variants decrypt or unframe into the
-/// same read buffer and frame or encrypt the same output buffer.
-pub enum Transport {
-    Tcp(TcpStream),
-}
-
-impl Transport {
-    pub fn source(&mut self) -> &mut TcpStream {
-        match self {
-            Transport::Tcp(s) => s,
-        }
-    }
-
-    /// Reads what the socket has into the spare capacity of `buf`.
-    pub fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Transport::Tcp(s) => read_into(s, buf),
-        }
-    }
-
-    pub fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        match self {
-            Transport::Tcp(s) => s.write(bytes),
-        }
-    }
-
-    pub fn into_tcp(self) -> TcpStream {
-        match self {
-            Transport::Tcp(s) => s,
-        }
-    }
-
-    /// The client's address, for log lines (not kept: it would cost every idle connection).
-    pub fn peer(&self) -> String {
-        let Transport::Tcp(s) = self;
-        s.peer_addr().map_or_else(|_| "a closed socket".to_string(), |a| a.to_string())
-    }
-}
-
-/// Reads into the spare capacity of `buf` without zeroing it first.
-fn read_into(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: `read` only writes into the slice and reports how many bytes it wrote; we expose
-    // exactly those bytes with set_len. u8 has no invalid bit patterns, and TcpStream::read never
-    // reads from the buffer it is given.
-    let n = unsafe {
-        let slice = std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len());
-        stream.read(slice)?
-    };
-    // SAFETY: the first n spare bytes were just initialised by read.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
-}
+pub use crate::transport::Transport;
 
 /// Why a connection ends: decides whether its will is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

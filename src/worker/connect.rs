@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mio::{Interest, Token};
 
-use super::conn::{CloseKind, Conn, ConnKey, ConnOutlet, OutAliases, Transport, OUT_ALIASES_MAX};
+use super::conn::{CloseKind, Conn, ConnKey, ConnOutlet, OutAliases, OUT_ALIASES_MAX};
 use super::mailbox::{Handover, Mail};
 use super::timers::Timer;
 use super::{Deferred, Worker, TOPIC_ALIAS_MAXIMUM};
@@ -45,6 +45,17 @@ impl Worker {
             return None;
         }
         let mut connect = connect;
+        if c.transport.wants_identity() {
+            // use_identity_as_username: the certificate names the client, not the CONNECT.
+            match c.transport.identity() {
+                Some(cn) => connect.username = Some(MqttStr::from(cn)),
+                None => {
+                    let why = "use_identity_as_username: no client certificate with a common name";
+                    self.refuse(k, ConnectReturnCode::NOT_AUTHORIZED, ReasonCode::NOT_AUTHORIZED, why);
+                    return None;
+                }
+            }
+        }
         let mut assigned = false;
         if connect.client_id.is_empty() {
             // [MQTT-3.1.3-7]/[MQTT-3.1.3-8]: 3.1.1 allows it only with clean session; 3.1 not at all.
@@ -239,6 +250,7 @@ impl Worker {
             let _ = c.transport.write(&c.wbuf);
             c.wbuf = BytesMut::new();
         }
+        let _ = c.transport.flush_pending();
         log::debug!("worker {}: connection {} from {} closed ({kind:?})", self.id, k.0, c.peer());
         if let Some(sk) = c.session.take() {
             self.detach(sk, k, kind);
@@ -352,24 +364,27 @@ impl Worker {
     pub(super) fn hand_over(&mut self, k: ConnKey, (connect, assigned_id): (Box<Connect>, bool), rest: BytesMut) {
         let home = self.shared.home_of(&connect.client_id);
         let Some(c) = self.conns.remove(k) else { return };
-        let mut stream = c.transport.into_tcp();
-        let _ = self.poll.registry().deregister(&mut stream);
+        let mut transport = c.transport;
+        let _ = self.poll.registry().deregister(transport.source());
         let created = self.clock.now - Duration::from_millis(self.clock.ms32().wrapping_sub(c.created) as u64);
-        let h = Handover { stream, rest, connect, assigned_id, created };
+        let h = Handover { transport, rest, connect, assigned_id, created };
         self.mailbox.send(home, Mail::Handover(Box::new(h)));
     }
 
     pub(super) fn take_handover(&mut self, h: Handover) {
-        let Handover { mut stream, rest, connect, assigned_id, created } = h;
+        let Handover { mut transport, rest, connect, assigned_id, created } = h;
         let k = self.conns.next_key();
-        if let Err(e) = self.poll.registry().register(&mut stream, Token(k.0), Interest::READABLE) {
-            log::warn!("cannot register handed-over connection from {:?}: {e}", stream.peer_addr());
+        // Readable and writable: TLS or WebSocket output may still wait for the socket.
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self.poll.registry().register(transport.source(), Token(k.0), interest) {
+            log::warn!("cannot register handed-over connection from {}: {e}", transport.peer());
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         let now = self.clock.ms32();
         let created = now.wrapping_sub(created.elapsed().as_millis().min(u32::MAX as u128) as u32);
-        let (k, uid) = self.conns.insert(|uid| Conn::new(uid, Transport::Tcp(stream), now, created, false));
+        let (k, uid) = self.conns.insert(|uid| Conn::new(uid, transport, now, created, false));
+        self.conns[k].flags.writable = true;
         let left = (self.shared.config.connect_timeout().as_millis() as u32).saturating_sub(now.wrapping_sub(created));
         self.timers.arm(self.clock.ms + left as u64, Timer::conn(k, uid));
         self.conns[k].version = Some(connect.protocol);
@@ -387,7 +402,7 @@ impl Worker {
     /// Stops accepting, publishes the wills of connected clients (they did not DISCONNECT), tells
     /// 5.0 clients the server is shutting down, and writes what is pending.
     pub(super) fn shutdown(&mut self) {
-        if let Some(mut l) = self.listener.take() {
+        for mut l in std::mem::take(&mut self.listeners) {
             let _ = self.poll.registry().deregister(&mut l);
         }
         let keys = self.conns.keys();

@@ -236,11 +236,9 @@ impl Worker {
                 codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
                 continue;
             }
-            if new {
-                if !self.subscription_fits(sk, filter.len()) {
-                    codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
-                    continue;
-                }
+            if new && !self.subscription_fits(sk, filter.len()) {
+                codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
+                continue;
             }
             let code = match topic::parse_shared(filter) {
                 Ok(Some(sf)) => {

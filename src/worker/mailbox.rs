@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use mio::net::TcpStream;
 use slab::Slab;
 
 use super::conn::ConnKey;
@@ -83,7 +82,7 @@ pub struct InterestChange {
 /// A connection moving to the worker that is home to its client id, with its parsed CONNECT and
 /// the bytes read after it.
 pub struct Handover {
-    pub stream: TcpStream,
+    pub transport: crate::transport::Transport,
     pub rest: BytesMut,
     pub connect: Box<Connect>,
     pub assigned_id: bool,
@@ -209,9 +208,9 @@ impl Mailbox {
         if droppable && self.overflow[to].len() >= OVERFLOW_LIMIT {
             if let Mail::Handover(h) = &mail {
                 log::warn!(
-                    "worker {}: peer {to} saturated, refusing a connection from {:?}",
+                    "worker {}: peer {to} saturated, refusing a connection from {}",
                     self.id,
-                    h.stream.peer_addr()
+                    h.transport.peer()
                 );
                 self.lost_connections += 1;
             }

@@ -45,8 +45,13 @@ pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
 use timers::{Timer, Timers};
 
-pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
+/// Listener `i` polls as `Token(LISTENERS - i)`; connections count up from 0.
+const LISTENERS: usize = usize::MAX - 16;
+
+fn listener_index(t: Token) -> Option<usize> {
+    (t.0 <= LISTENERS && t.0 > LISTENERS - 1024).then(|| LISTENERS - t.0)
+}
 
 /// Bytes asked of the kernel per read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -146,7 +151,9 @@ pub struct Worker {
     id: usize,
     shared: Arc<Shared>,
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// One socket per listener (`Shared::listeners` order), shared with the other workers
+    /// through SO_REUSEPORT.
+    listeners: Vec<TcpListener>,
     conns: Conns,
     sessions: Sessions,
     router: Router,
@@ -166,7 +173,7 @@ impl Worker {
         id: usize,
         shared: Arc<Shared>,
         poll: Poll,
-        listener: TcpListener,
+        listeners: Vec<TcpListener>,
         outbox: Vec<Option<Producer<Mail>>>,
         inbox: Vec<Option<Consumer<Mail>>>,
     ) -> Worker {
@@ -177,7 +184,7 @@ impl Worker {
         Worker {
             id,
             poll,
-            listener: Some(listener),
+            listeners,
             conns: Conns::with_capacity(per_worker),
             sessions: Sessions::with_capacity(per_worker),
             router: Router::new(n),
@@ -201,8 +208,8 @@ impl Worker {
     }
 
     pub fn run(&mut self) -> io::Result<()> {
-        if let Some(l) = self.listener.as_mut() {
-            self.poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            self.poll.registry().register(l, Token(LISTENERS - i), Interest::READABLE)?;
         }
         let mut events = Events::with_capacity(1024);
         loop {
@@ -222,8 +229,8 @@ impl Worker {
             self.clock.update();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
                     WAKER => {}
+                    t if listener_index(t).is_some() => self.accept(LISTENERS - t.0),
                     Token(k) => {
                         let k = ConnKey(k);
                         let Some(uid) = self.conns.get(k).map(|c| c.uid) else { continue };
@@ -275,23 +282,46 @@ impl Worker {
         Duration::from_millis(tick.min(timer).min(retry))
     }
 
-    fn accept(&mut self) {
+    /// The transport a new connection on listener `i` gets: TCP, TLS, WebSockets over either.
+    fn transport_for(&self, i: usize, stream: mio::net::TcpStream) -> io::Result<Transport> {
+        use crate::transport::{Lower, TlsStream, WsStream};
+        let spec = &self.shared.listeners[i];
+        let lower = match self.shared.tls.get(i) {
+            Some(config) => Lower::Tls(Box::new(TlsStream::new(stream, config, spec.use_identity_as_username)?)),
+            None => Lower::Tcp(stream),
+        };
+        Ok(match (spec.protocol, lower) {
+            (crate::config::Protocol::Websockets, lower) => {
+                Transport::Ws(Box::new(WsStream::new(lower, self.shared.config.max_packet_size as usize)))
+            }
+            (_, Lower::Tls(t)) => Transport::Tls(t),
+            (_, Lower::Tcp(s)) => Transport::Tcp(s),
+        })
+    }
+
+    fn accept(&mut self, i: usize) {
         loop {
-            let Some(listener) = self.listener.as_ref() else { return };
+            let Some(listener) = self.listeners.get(i) else { return };
             match listener.accept() {
-                Ok((mut stream, peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let mut transport = match self.transport_for(i, stream) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            log::warn!("cannot start a session for {peer}: {e}");
+                            continue;
+                        }
+                    };
                     let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
                     let over_limit = total > self.shared.config.max_connections;
                     let k = self.conns.next_key();
-                    if let Err(e) = self.poll.registry().register(&mut stream, Token(k.0), Interest::READABLE) {
+                    if let Err(e) = self.poll.registry().register(transport.source(), Token(k.0), Interest::READABLE) {
                         log::warn!("cannot register connection from {peer}: {e}");
                         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                         continue;
                     }
                     let now = self.clock.ms32();
-                    let (k, uid) =
-                        self.conns.insert(|uid| Conn::new(uid, Transport::Tcp(stream), now, now, over_limit));
+                    let (k, uid) = self.conns.insert(|uid| Conn::new(uid, transport, now, now, over_limit));
                     self.timers.arm(
                         self.clock.ms + self.shared.config.connect_timeout().as_millis() as u64,
                         Timer::conn(k, uid),

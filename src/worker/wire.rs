@@ -120,6 +120,10 @@ impl Worker {
             buf = BytesMut::with_capacity(READ_CHUNK);
         }
         self.scratch.read_buf = buf;
+        // A TLS handshake or WebSocket answer the socket did not take yet.
+        if self.conns.alive(k, uid) && self.conns[k].transport.pending_output() {
+            self.mark_dirty(k);
+        }
     }
 
     /// Handles every complete packet in `buf`. Returns false when the connection is closed or
@@ -266,6 +270,9 @@ impl Worker {
                 }
             }
         }
+        if !failed && c.transport.flush_pending().is_err() {
+            failed = true;
+        }
         if failed {
             self.close(k, CloseKind::Abnormal);
             return;
@@ -274,7 +281,7 @@ impl Worker {
             c.flags.read_paused = false;
             self.turn.more_to_read.push((k, c.uid));
         }
-        let pending = !c.wbuf.is_empty();
+        let pending = !c.wbuf.is_empty() || c.transport.pending_output();
         if pending != c.flags.writable {
             let interest = if pending { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             if self.poll.registry().reregister(c.transport.source(), Token(k.0), interest).is_ok() {
@@ -306,8 +313,8 @@ impl Worker {
     pub(super) fn reap(&mut self) {
         for k in std::mem::take(&mut self.turn.closed) {
             let Some(c) = self.conns.remove(k) else { continue };
-            let mut stream = c.transport.into_tcp();
-            let _ = self.poll.registry().deregister(&mut stream);
+            let mut transport = c.transport;
+            let _ = self.poll.registry().deregister(transport.source());
         }
     }
 }

@@ -1,0 +1,197 @@
+//! The bytes under MQTT: plain TCP, TLS (rustls) and WebSockets (tungstenite's framing, over TCP
+//! or TLS). Everything above `Transport` sees MQTT bytes only: a read appends them to the
+//! connection's input buffer, a write takes them from its output buffer. tern keeps the
+//! non-blocking socket; rustls and tungstenite work on bytes it hands them.
+//!
+//! Output is bounded below the connection too: a TLS or WebSocket transport takes no more MQTT
+//! bytes while what it already encrypted or framed has not reached the socket (`PENDING_MAX`),
+//! so the connection's own bound (`max_output_bytes`) keeps holding.
+
+pub mod tls;
+mod ws;
+
+use std::io::{self, Read, Write};
+
+use bytes::BytesMut;
+use mio::net::TcpStream;
+
+pub use tls::{TlsConfigs, TlsStream};
+pub use ws::WsStream;
+
+/// Encrypted or framed bytes a transport holds for a socket that would block, before it stops
+/// taking more.
+pub const PENDING_MAX: usize = 64 * 1024;
+
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream>),
+    Ws(Box<WsStream>),
+}
+
+/// Under WebSocket framing: the raw socket or TLS.
+pub enum Lower {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Lower {
+    fn read_raw(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Lower::Tcp(s) => read_into(s, buf),
+            Lower::Tls(t) => t.read_into(buf),
+        }
+    }
+
+    fn write_raw(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Lower::Tcp(s) => s.write(bytes),
+            Lower::Tls(t) => t.write(bytes),
+        }
+    }
+
+    fn socket(&mut self) -> &mut TcpStream {
+        match self {
+            Lower::Tcp(s) => s,
+            Lower::Tls(t) => t.socket(),
+        }
+    }
+
+    fn socket_ref(&self) -> &TcpStream {
+        match self {
+            Lower::Tcp(s) => s,
+            Lower::Tls(t) => t.socket_ref(),
+        }
+    }
+
+    fn pending_output(&self) -> bool {
+        match self {
+            Lower::Tcp(_) => false,
+            Lower::Tls(t) => t.pending_output(),
+        }
+    }
+
+    fn flush_pending(&mut self) -> io::Result<()> {
+        match self {
+            Lower::Tcp(_) => Ok(()),
+            Lower::Tls(t) => t.flush_pending(),
+        }
+    }
+
+    fn identity(&self) -> Option<&str> {
+        match self {
+            Lower::Tcp(_) => None,
+            Lower::Tls(t) => t.identity(),
+        }
+    }
+}
+
+impl Transport {
+    /// The socket, for registering with the poller.
+    pub fn source(&mut self) -> &mut TcpStream {
+        match self {
+            Transport::Tcp(s) => s,
+            Transport::Tls(t) => t.socket(),
+            Transport::Ws(w) => w.lower.socket(),
+        }
+    }
+
+    fn socket_ref(&self) -> &TcpStream {
+        match self {
+            Transport::Tcp(s) => s,
+            Transport::Tls(t) => t.socket_ref(),
+            Transport::Ws(w) => w.lower.socket_ref(),
+        }
+    }
+
+    /// Appends the MQTT bytes that have arrived to `buf` (reading the socket, decrypting,
+    /// unframing). `Ok(0)`: the client closed; `WouldBlock`: nothing more now.
+    pub fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => read_into(s, buf),
+            Transport::Tls(t) => t.read_into(buf),
+            Transport::Ws(w) => w.read_into(buf),
+        }
+    }
+
+    /// Takes MQTT bytes for the client; returns how many it took (`WouldBlock` if none).
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.write(bytes),
+            Transport::Tls(t) => t.write(bytes),
+            Transport::Ws(w) => w.write(bytes),
+        }
+    }
+
+    /// Encrypted or framed bytes still waiting for the socket (handshake records included).
+    pub fn pending_output(&self) -> bool {
+        match self {
+            Transport::Tcp(_) => false,
+            Transport::Tls(t) => t.pending_output(),
+            Transport::Ws(w) => w.pending_output(),
+        }
+    }
+
+    /// Pushes what `pending_output` holds towards the socket, as far as it takes it.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Tcp(_) => Ok(()),
+            Transport::Tls(t) => t.flush_pending(),
+            Transport::Ws(w) => w.flush_pending(),
+        }
+    }
+
+    /// The username a client certificate gives, on a listener with `use_identity_as_username`.
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            Transport::Tcp(_) => None,
+            Transport::Tls(t) => t.identity(),
+            Transport::Ws(w) => w.lower.identity(),
+        }
+    }
+
+    /// Whether the listener requires the certificate's identity as the username.
+    pub fn wants_identity(&self) -> bool {
+        match self {
+            Transport::Tcp(_) => false,
+            Transport::Tls(t) => t.use_identity,
+            Transport::Ws(w) => matches!(&w.lower, Lower::Tls(t) if t.use_identity),
+        }
+    }
+
+    /// The client's address, for log lines (not kept: it would cost every idle connection).
+    pub fn peer(&self) -> String {
+        self.socket_ref().peer_addr().map_or_else(|_| "a closed socket".to_string(), |a| a.to_string())
+    }
+
+    /// Short name for logs and `$SYS`: mqtt, mqtts, ws, wss.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Transport::Tcp(_) => "mqtt",
+            Transport::Tls(_) => "mqtts",
+            Transport::Ws(w) if matches!(w.lower, Lower::Tls(_)) => "wss",
+            Transport::Ws(_) => "ws",
+        }
+    }
+}
+
+/// Reads into the spare capacity of `buf` without zeroing it first.
+pub fn read_into(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(4096);
+    }
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `read` only writes into the slice and reports how many bytes it wrote; we expose
+    // exactly those bytes with set_len. u8 has no invalid bit patterns, and TcpStream::read never
+    // reads from the buffer it is given.
+    let n = unsafe {
+        let slice = std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len());
+        stream.read(slice)?
+    };
+    // SAFETY: the first n spare bytes were just initialised by read.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+fn would_block() -> io::Error {
+    io::Error::from(io::ErrorKind::WouldBlock)
+}
