@@ -24,9 +24,9 @@ BROKER_CPU=
 prepare_run
 
 # Budgets low enough to be reached within the run, so that "flat" means bounded, not "not
-# full yet": abandoned persistent sessions go after a minute, partial packets after 5 s, and
-# the heap stops at 256 MiB (every persistent session subscribed to fuzz/# queues a copy of
-# every QoS 1/2 message the fuzzer sends: without a ceiling that is millions of queue entries).
+# full yet": abandoned persistent sessions go after a minute, partial packets after 5 s, a
+# session queues at most 100 messages (every persistent session subscribed to fuzz/# queues a
+# copy of every QoS 1/2 message the fuzzer sends), and the heap stops at 256 MiB as a backstop.
 cat > "$WORK/soak.toml" <<CONF
 port = $PORT
 workers = $WORKERS
@@ -36,7 +36,9 @@ persistent_client_expiration = "1m"
 partial_packet_timeout = 5
 max_retained_messages = 20000
 max_retained_bytes = 16777216
+max_queued_messages = 100
 memory_limit = 268435456
+sys_interval = 1
 CONF
 "$TERN" -c "$WORK/soak.toml" 2> "$WORK/tern.log" &
 BPID=$!
@@ -58,6 +60,9 @@ SAMPLER=$!
 
 fuzz_ok=0
 "$LT" fuzz --port "$PORT" --duration "$DURATION" --threads "$THREADS" > "$OUT/fuzz.json" || fuzz_ok=$?
+# What the budgets refused, from $SYS (needs mosquitto_sub).
+limits=$(timeout 5 mosquitto_sub -p "$PORT" -t '$SYS/broker/limits/#' -t '$SYS/broker/clients/total' \
+    -W 3 -v 2>/dev/null | awk '$2 != "0" {printf "%s%s %s", sep, substr($1, 13), $2; sep = ", "}' || true)
 kill "$SAMPLER" 2>/dev/null || true
 alive=yes
 kill -0 "$BPID" 2>/dev/null || alive=no
@@ -86,6 +91,7 @@ fi
     echo "| RSS at start / peak | ${first} kB / ${peak} kB |"
     echo "| RSS over the last half: lowest / highest | ${lo} kB / ${hi} kB (+${growth}%, $n samples) |"
     echo "| broker still running, panics logged | $alive, $panics |"
+    echo "| \$SYS at the end (non-zero) | ${limits:-n/a} |"
     echo "| verdict | $verdict |"
     echo
     echo "RSS every 5 s is in \`rss.csv\`."

@@ -515,3 +515,86 @@ sys.exit(0 if info.is_published() else 1)
     }
     b.shutdown();
 }
+
+#[test]
+fn two_thousand_half_open_tls_handshakes_cost_bounded_memory_and_are_closed() {
+    let pki = Pki::new();
+    let config = format!(
+        "workers = 2\npin_workers = false\nconnect_timeout = 3\n[[listener]]\nport = 0\ncertfile = \"{}\"\nkeyfile = \"{}\"\n",
+        pki.path("server.pem").display(),
+        pki.path("server-key.pem").display()
+    );
+    let (mut child, _, dir) = spawn_tern(&[], &config);
+    let pid = child.id();
+    let ports = listener_ports(pid);
+    let (plain, tls) = (ports[0], ports[1]);
+    // One ClientHello, sent on every connection, which then says nothing more.
+    let mut hello = Vec::new();
+    {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client_config(&pki, None), name).unwrap();
+        c.write_tls(&mut hello).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = status_kb(pid, "VmRSS:");
+    let mut half_open = Vec::new();
+    for _ in 0..2000 {
+        let mut s = TcpStream::connect(tls).unwrap();
+        s.write_all(&hello).unwrap();
+        half_open.push(s);
+    }
+    // Every ClientHello answered (the server's flight arrives), then the broker holds them all.
+    for s in &mut half_open {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut first = [0u8; 1];
+        assert_eq!(s.read(&mut first).unwrap(), 1, "the server answered the ClientHello");
+    }
+    let during = status_kb(pid, "VmRSS:");
+    let per_conn = (during.saturating_sub(before)) * 1024 / 2000;
+    println!("2,000 half-open TLS handshakes: RSS {before} kB -> {during} kB, {per_conn} bytes each");
+    assert!(per_conn < 64 * 1024, "{per_conn} bytes per half-open handshake");
+    // A healthy client meanwhile.
+    let (mut c, _) = Client::connect(plain, "healthy", true);
+    c.subscribe("ok", QoS::AtMostOnce);
+    c.publish("ok", Bytes::from_static(b"fine"), QoS::AtMostOnce, false);
+    assert_eq!(&c.recv_publish().payload[..], b"fine");
+    // connect_timeout closes every one of them.
+    for s in &mut half_open {
+        closed_by_server(s);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The ports a running tern listens on (from /proc/net/tcp), plain first: sorted by inode
+/// creation order is not guaranteed, so ask the kernel for the process's listening sockets and
+/// tell the plain one by a CONNECT that gets an answer in the clear.
+fn listener_ports(pid: u32) -> Vec<SocketAddr> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let mut ports = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string("/proc/net/tcp").unwrap().lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+            let port = u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap();
+            ports.insert(port);
+        }
+    }
+    let mut addrs: Vec<SocketAddr> = ports.into_iter().map(|p| SocketAddr::from(([127, 0, 0, 1], p))).collect();
+    // The plain listener answers a CONNECT with a CONNACK.
+    addrs.sort_by_key(|a| {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut out = BytesMut::new();
+        Packet::Connect(Box::new(Connect::new("probe"))).encode(ProtocolVersion::V311, &mut out);
+        s.write_all(&out).unwrap();
+        let mut b = [0u8; 1];
+        !matches!(s.read(&mut b), Ok(1) if b[0] == 0x20)
+    });
+    assert_eq!(addrs.len(), 2, "two listeners: {addrs:?}");
+    addrs
+}

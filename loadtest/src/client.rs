@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
+
+use crate::link::Link;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::mqtt::{self, Frame};
@@ -30,7 +32,7 @@ enum Role {
 }
 
 struct Client {
-    stream: TcpStream,
+    link: Link,
     rbuf: Vec<u8>,
     rlen: usize,
     wbuf: Vec<u8>,
@@ -48,8 +50,9 @@ impl Client {
     fn open(addr: std::net::SocketAddr, role: Role, id: &str, args: &RunArgs, read_buf: usize) -> io::Result<Client> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
+        let link = crate::link::spec(args).map_err(io::Error::other)?.open(stream, addr)?;
         let mut c = Client {
-            stream,
+            link,
             rbuf: vec![0; read_buf],
             rlen: 0,
             wbuf: Vec::with_capacity(if read_buf > 4096 { WRITE_HIGH * 2 } else { 64 }),
@@ -82,8 +85,12 @@ impl Client {
 
     /// Writes what is buffered until done or the socket would block.
     fn flush(&mut self) -> io::Result<()> {
+        match self.link.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
+        }
         while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
+            match self.link.write(&self.wbuf[self.wpos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wpos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -164,7 +171,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     }
     for (i, c) in clients.iter_mut().enumerate() {
         poll.registry()
-            .register(&mut c.stream, Token(i), Interest::READABLE | Interest::WRITABLE)
+            .register(c.link.source(), Token(i), Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| e.to_string())?;
     }
     let mut tally = Tally {
@@ -312,7 +319,8 @@ fn step(
         }
     }
     for c in clients.iter_mut() {
-        if c.pending() > 0 {
+        // TLS records and WebSocket frames may wait below even with no MQTT bytes pending.
+        if c.pending() > 0 || !matches!(c.link, Link::Tcp(_)) {
             c.flush().map_err(|e| format!("write to broker: {e}"))?;
         }
     }
@@ -324,7 +332,7 @@ fn read_client(c: &mut Client, tally: &mut Tally, args: &RunArgs) -> Result<(), 
         if c.rlen == c.rbuf.len() {
             return Err("a packet larger than the read buffer".into());
         }
-        match c.stream.read(&mut c.rbuf[c.rlen..]) {
+        match c.link.read(&mut c.rbuf[c.rlen..]) {
             Ok(0) => {
                 if !c.closed {
                     c.closed = true;
@@ -429,9 +437,20 @@ fn conns_multi(args: &RunArgs) -> Result<(), String> {
     let mut children = Vec::new();
     for i in 0..args.procs {
         let n = per.min(args.connections - i * per);
+        let mut link_args: Vec<String> = Vec::new();
+        if args.tls {
+            link_args.push("--tls".into());
+        }
+        if let Some(ca) = &args.cafile {
+            link_args.extend(["--cafile".into(), ca.display().to_string()]);
+        }
+        if args.ws {
+            link_args.push("--ws".into());
+        }
         let child = Command::new(&exe)
             .args(["run", "conns", "--child", "--host", &args.host, "--port", &args.port.to_string()])
             .args(["--connections", &n.to_string(), "--keepalive", &args.keepalive.to_string()])
+            .args(&link_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -507,7 +526,7 @@ fn open_idle(args: &RunArgs) -> Result<(usize, f64, Vec<Client>), String> {
             let mut c = Client::open(addr, Role::Idle, &format!("lt-{id}-c{}", clients.len()), args, 256)
                 .map_err(|e| format!("connect: {e}"))?;
             poll.registry()
-                .register(&mut c.stream, Token(clients.len()), Interest::READABLE | Interest::WRITABLE)
+                .register(c.link.source(), Token(clients.len()), Interest::READABLE | Interest::WRITABLE)
                 .map_err(|e| e.to_string())?;
             clients.push(c);
         }

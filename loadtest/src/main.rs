@@ -4,6 +4,7 @@
 
 mod client;
 mod fuzz;
+mod link;
 mod mqtt;
 mod plot;
 mod report;
@@ -140,6 +141,15 @@ pub struct RunArgs {
     /// Append the JSON result line to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Connect over TLS (server certificate checked against --cafile, for the broker's IP).
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate (PEM) for --tls.
+    #[arg(long)]
+    pub cafile: Option<PathBuf>,
+    /// Connect over WebSockets (path /mqtt, subprotocol mqtt); with --tls, wss.
+    #[arg(long)]
+    pub ws: bool,
     /// Internal: run as a `conns` helper process.
     #[arg(long, hide = true)]
     pub child: bool,
