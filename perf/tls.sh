@@ -38,6 +38,10 @@ openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$PK
 printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$PKI/ext.cnf"
 openssl x509 -req -in "$PKI/server.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca-key.pem" -CAcreateserial \
     -out "$PKI/server.pem" -days 2 -extfile "$PKI/ext.cnf" 2>/dev/null
+# mosquitto, started as root, reads its files as the mosquitto user: a throwaway key may be
+# readable by all.
+chmod a+rx "$WORK" "$PKI"
+chmod a+r "$PKI"/*.pem
 
 # Ports: PORT plain, +1 TLS, +2 ws, +3 wss; the same for both brokers.
 cat > "$WORK/tern-tls.toml" <<CONF

@@ -394,6 +394,26 @@ mod tests {
     }
 
     #[test]
+    fn listeners_are_read_and_bad_ones_refused_naming_key_and_path() {
+        let c = Config::from_toml("[[listener]]\nport = 9001\nprotocol = \"websockets\"\n").unwrap();
+        assert_eq!(c.listeners().len(), 2);
+        assert_eq!(c.listeners()[1].scheme(), "ws");
+        assert_eq!(c.listeners()[1].bind, Some(c.bind), "bind defaults to the top-level one");
+        let e = Config::from_toml("[[listener]]\nport = 1\ncertfle = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("listener") && e.contains("certfle"), "{e}");
+        let e = Config::from_toml(
+            "[[listener]]\nport = 1\ncertfile = \"/nonexistent/s.pem\"\nkeyfile = \"/nonexistent/k.pem\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("certfile") && e.contains("/nonexistent/s.pem"), "{e}");
+        let e = Config::from_toml("[[listener]]\nport = 1\nkeyfile = \"k.pem\"\n").unwrap_err().to_string();
+        assert!(e.contains("certfile") && e.contains("keyfile"), "{e}");
+        let e = Config::from_toml("[[listener]]\nport = 1\nprotocol = \"http2\"\n").unwrap_err().to_string();
+        assert!(e.contains("protocol") || e.contains("http2"), "{e}");
+    }
+
+    #[test]
     fn values_are_read() {
         let c = Config::from_toml("port = 1884\nworkers = 2\nbind = \"0.0.0.0\"\nlog_level = \"debug\"").unwrap();
         assert_eq!((c.port, c.workers, c.log_level.as_str()), (1884, 2, "debug"));

@@ -4,15 +4,39 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tern::{Broker, Config};
 
 /// Counts heap bytes in use, for `memory_limit`.
 #[global_allocator]
 static ALLOC: tern::alloc::Counting = tern::alloc::Counting;
-use tern::{Broker, Config};
+
+const CONFIG_HELP: &str = "\
+Configuration file keys (TOML; README.md has each with its default and what happens past it):
+  bind, port                      the plain MQTT listener (default 127.0.0.1:1883)
+  workers, pin_workers            event loops (0 = one per core), pinned to cores
+  log_level                       error, warn, info, debug, trace, off
+  max_connections, connect_timeout, max_packet_size, max_inflight_messages,
+  max_queued_messages, max_queued_bytes, max_output_bytes, max_sessions,
+  max_subscriptions_per_client, max_subscription_bytes_per_client, max_subscription_bytes,
+  max_retained_messages, max_retained_bytes, max_partial_bytes, partial_packet_timeout,
+  memory_limit, persistent_client_expiration, slow_subscriber_timeout,
+  slow_subscriber_policy, sys_interval, allow_zero_length_clientid
+
+More listeners, each a [[listener]] table (mosquitto's names):
+  port                            TCP port (0: any free one)
+  bind                            address (default: the top-level bind)
+  protocol                        \"mqtt\" or \"websockets\"
+  certfile, keyfile               server certificate chain and key (PEM): TLS
+  cafile                          CA (PEM) for client certificates
+  crlfile                         revoked client certificates (PEM CRLs)
+  require_certificate             a client certificate signed by cafile is required
+  use_identity_as_username        the client certificate's CN is the username
+
+Signals: SIGINT/SIGTERM stop cleanly (wills published); SIGHUP re-reads TLS certificates.";
 
 /// tern: a fast MQTT 3.1/3.1.1/5.0 broker.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_long_help = CONFIG_HELP)]
 struct Cli {
     /// Configuration file (TOML). Without one, tern listens on 127.0.0.1:1883.
     #[arg(short = 'c', long = "config")]

@@ -598,3 +598,49 @@ fn listener_ports(pid: u32) -> Vec<SocketAddr> {
     assert_eq!(addrs.len(), 2, "two listeners: {addrs:?}");
     addrs
 }
+
+#[test]
+fn rumqttc_speaks_tls_ws_and_wss() {
+    use rumqttc::{Event, MqttOptions, Packet as RPacket, QoS as RQoS, TlsConfiguration, Transport};
+    let pki = Pki::new();
+    let b = start_tls(&pki, 2);
+    let a = b.local_addrs().to_vec();
+    let (mut watch, _) = Client::connect(a[0], "rumqttc-watch", true);
+    watch.subscribe("rq/#", QoS::AtLeastOnce);
+    let tls = || TlsConfiguration::Rustls(client_config(&pki, None));
+    let cases: Vec<(&str, MqttOptions)> = vec![
+        ("tls", {
+            let mut o = MqttOptions::new("rq-tls", "localhost", a[1].port());
+            o.set_transport(Transport::tls_with_config(tls()));
+            o
+        }),
+        ("ws", {
+            let mut o = MqttOptions::new("rq-ws", format!("ws://127.0.0.1:{}/mqtt", a[3].port()), a[3].port());
+            o.set_transport(Transport::Ws);
+            o
+        }),
+        ("wss", {
+            let mut o = MqttOptions::new("rq-wss", format!("wss://localhost:{}/mqtt", a[4].port()), a[4].port());
+            o.set_transport(Transport::wss_with_config(tls()));
+            o
+        }),
+    ];
+    for (name, mut opts) in cases {
+        opts.set_keep_alive(Duration::from_secs(10));
+        let (client, mut conn) = rumqttc::Client::new(opts, 10);
+        client.publish(format!("rq/{name}"), RQoS::AtLeastOnce, false, format!("rumqttc over {name}")).unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match conn.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(RPacket::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("rumqttc over {name}: {other:?}"),
+            }
+        }
+        let m = watch.recv_publish();
+        assert_eq!(m.payload, format!("rumqttc over {name}").as_bytes());
+        watch.ack(&m);
+    }
+    b.shutdown();
+}

@@ -2,7 +2,7 @@
 //! listener, loaded from PEM files at start and again on SIGHUP (connections keep the
 //! configuration they started with), and a TLS session over tern's non-blocking socket.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -130,12 +130,15 @@ impl TlsStream {
 
     /// Reads and decrypts; answers the handshake as it goes.
     pub fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        let mut chunk = [0u8; 16 * 1024];
         loop {
-            match self.tls.reader().read(&mut chunk) {
-                Ok(0) => return Ok(0), // close_notify
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
+            // Straight from rustls' plaintext buffer into ours: no scratch to zero per read.
+            let mut reader = self.tls.reader();
+            match reader.fill_buf() {
+                Ok([]) => return Ok(0), // close_notify
+                Ok(chunk) => {
+                    let n = chunk.len();
+                    buf.extend_from_slice(chunk);
+                    reader.consume(n);
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -148,7 +148,10 @@ impl WsStream {
                             );
                             self.output.extend_from_slice(response.as_bytes());
                             self.input.advance(len);
+                            // tungstenite zeroes the free part of its read buffer before every
+                            // read: keep it small (it grows for a large frame).
                             let config = WebSocketConfig::default()
+                                .read_buffer_size(4096)
                                 .max_message_size(Some(self.max_message))
                                 .max_frame_size(Some(self.max_message))
                                 .max_write_buffer_size(PENDING_MAX * 4)
