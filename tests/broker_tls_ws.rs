@@ -37,8 +37,19 @@ fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
 }
 
 fn client_cert(cn: &str, issuer: &rcgen::Certificate, issuer_key: &KeyPair, expired: bool) -> (String, String) {
+    client_cert_serial(cn, issuer, issuer_key, expired, None)
+}
+
+fn client_cert_serial(
+    cn: &str,
+    issuer: &rcgen::Certificate,
+    issuer_key: &KeyPair,
+    expired: bool,
+    serial: Option<u64>,
+) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.serial_number = serial.map(rcgen::SerialNumber::from);
     p.distinguished_name.push(DnType::CommonName, cn);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     if expired {
@@ -67,6 +78,26 @@ impl Pki {
         let (c, k) = client_cert("device-old", &ca_cert, &ca_key, true);
         write(&dir, "expired.pem", &c);
         write(&dir, "expired-key.pem", &k);
+        // A certificate the CA revoked, and the CA's CRL listing it.
+        let (c, k) = client_cert_serial("device-lost", &ca_cert, &ca_key, false, Some(9));
+        write(&dir, "revoked.pem", &c);
+        write(&dir, "revoked-key.pem", &k);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(9u64),
+                revocation_time: rcgen::date_time_ymd(2024, 6, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca_cert, &ca_key)
+        .unwrap();
+        write(&dir, "crl.pem", &crl.pem().unwrap());
         let (other_ca, other_key) = ca("another CA");
         let (c, k) = client_cert("intruder", &other_ca, &other_key, false);
         write(&dir, "other.pem", &c);
@@ -99,17 +130,15 @@ impl Drop for Pki {
     }
 }
 
-/// Listener order in these tests: 0 plain, 1 mqtts, 2 mqtts with client certificates required,
-/// 3 ws, 4 wss.
+/// Listener order in these tests: 0 plain, 1 mqtts, 2 mqtts with client certificates required
+/// (and the CA's CRL), 3 ws, 4 wss.
 fn start_tls(pki: &Pki, workers: usize) -> tern::Broker {
     let mut ws = ListenerConfig::plain("127.0.0.1".parse().unwrap(), 0);
     ws.protocol = Protocol::Websockets;
-    let listener = vec![
-        pki.tls_listener(Protocol::Mqtt, false),
-        pki.tls_listener(Protocol::Mqtt, true),
-        ws,
-        pki.tls_listener(Protocol::Websockets, false),
-    ];
+    let mut mtls = pki.tls_listener(Protocol::Mqtt, true);
+    mtls.crlfile = Some(pki.path("crl.pem"));
+    let listener =
+        vec![pki.tls_listener(Protocol::Mqtt, false), mtls, ws, pki.tls_listener(Protocol::Websockets, false)];
     start_with(tern::Config { listener, connect_timeout: 2, ..config(workers) })
 }
 
@@ -312,11 +341,15 @@ fn client_certificates_are_checked_against_the_ca() {
     // Required and valid: accepted.
     let mut ok = Mqtt::new(tls_open(a[2], client_config(&pki, Some("client"))));
     assert_eq!(ok.connect("by-cert").unwrap().code, ReasonCode::SUCCESS);
-    // None, another CA's, an expired one: the handshake fails; the broker logs why.
-    for cert in [None, Some("other"), Some("expired")] {
+    // None, another CA's, an expired one, a revoked one (crlfile): the handshake fails; the
+    // broker logs why.
+    for cert in [None, Some("other"), Some("expired"), Some("revoked")] {
         let mut bad = Mqtt::new(tls_open(a[2], client_config(&pki, cert)));
         assert!(bad.connect("refused").is_err(), "{cert:?} must be refused");
     }
+    // The revoked certificate is otherwise good: a listener without the CRL takes it.
+    let mut no_crl = Mqtt::new(tls_open(a[1], client_config(&pki, Some("revoked"))));
+    assert_eq!(no_crl.connect("revoked-elsewhere").unwrap().code, ReasonCode::SUCCESS);
     // The healthy client still works.
     ok.subscribe("z");
     let (mut other, _) = Client::connect(a[0], "z-pub", true);
@@ -354,6 +387,11 @@ fn hostile_input_on_tls_and_websocket_listeners_closes_only_that_connection() {
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut h_ws = Mqtt::new(ws_open(sock, &format!("ws://{}/mqtt", a[3])));
     h_ws.connect("h-ws").unwrap();
+    let mut h_mtls = Mqtt::new(tls_open(a[2], client_config(&pki, Some("client"))));
+    h_mtls.connect("h-mtls").unwrap();
+    let wss_url = format!("wss://localhost:{}/mqtt", a[4].port());
+    let mut h_wss = Mqtt::new(ws_open(tls_open(a[4], client_config(&pki, None)), &wss_url));
+    h_wss.connect("h-wss").unwrap();
 
     // Garbage instead of a ClientHello.
     let mut s = TcpStream::connect(a[1]).unwrap();
@@ -396,6 +434,10 @@ fn hostile_input_on_tls_and_websocket_listeners_closes_only_that_connection() {
     assert_eq!(&healthy_plain.recv_publish().payload[..], b"1");
     h_ws.publish("h/ws", b"2");
     assert_eq!(&healthy_plain.recv_publish().payload[..], b"2");
+    h_mtls.publish("h/mtls", b"3");
+    assert_eq!(&healthy_plain.recv_publish().payload[..], b"3");
+    h_wss.publish("h/wss", b"4");
+    assert_eq!(&healthy_plain.recv_publish().payload[..], b"4");
     b.shutdown();
 }
 
