@@ -376,6 +376,20 @@ impl Worker {
         }
     }
 
+    /// A session going offline with retained messages still streaming: its QoS 0 ones go (as
+    /// QoS 0 to an offline session always does); QoS 1/2 ones join its queue under the queue's
+    /// bounds, like any message for an offline session. A backlog holds a reference per message,
+    /// and thousands of abandoned sessions each holding one for every retained message is
+    /// where a broker's memory would go.
+    pub(super) fn settle_backlog(&mut self, sk: SessionKey) {
+        let Some(b) = self.sessions[sk].backlog.take() else { return };
+        for (d, _) in b.items {
+            if d.qos != QoS::AtMostOnce {
+                self.offer_now(sk, d, false);
+            }
+        }
+    }
+
     /// Keeps (`keep`) or clears a topic's retained message in this worker's replica of the
     /// store. The replicas share the messages themselves (`Arc`).
     pub(super) fn store_retained(&mut self, msg: &Arc<Message>, keep: bool) {
