@@ -62,6 +62,8 @@ pub struct Shared {
     /// Every listener (`Config::listeners()`), and the TLS configuration of those with TLS.
     pub listeners: Vec<crate::config::ListenerConfig>,
     pub tls: crate::transport::TlsConfigs,
+    /// Password file, `allow_anonymous` and the verifier pool.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 impl Shared {
@@ -120,6 +122,8 @@ impl Broker {
         let specs = config.listeners();
         let tls =
             crate::transport::TlsConfigs::load(&specs).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let auth =
+            Arc::new(crate::auth::Auth::new(&config, n).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?);
         // Per listener, one socket per worker: the first bind settles the port (port 0 picks
         // one); the others share it through SO_REUSEPORT. listeners[worker][listener]
         let mut listeners: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
@@ -169,8 +173,15 @@ impl Broker {
             subscription_bytes: AtomicUsize::new(0),
             listeners: specs,
             tls,
+            auth,
             config,
         });
+        if shared.auth.enabled() {
+            let wakers = shared.wakers.clone();
+            crate::auth::start_verifiers(&shared.auth, 2, move |w| {
+                let _ = wakers[w].wake();
+            });
+        }
         let cores = if shared.config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { vec![] };
         let mut threads = Vec::with_capacity(n);
         for (id, ((poll, listener), (outbox, inbox))) in
@@ -205,6 +216,9 @@ impl Broker {
             threads.push(t);
         }
         log::info!("tern {} listening on {} with {n} worker(s)", env!("CARGO_PKG_VERSION"), addrs[0]);
+        if !shared.auth.allow_anonymous {
+            log::info!("anonymous clients are not allowed");
+        }
         for (i, (spec, addr)) in shared.listeners.iter().zip(&addrs).enumerate().skip(1) {
             log::info!("listener {i} on {addr} ({})", spec.scheme());
         }
@@ -249,6 +263,7 @@ impl Broker {
         for t in self.threads {
             let _ = t.join();
         }
+        crate::auth::stop_verifiers(&self.shared.auth);
         !self.shared.failed.load(Ordering::SeqCst)
     }
 }
@@ -260,6 +275,11 @@ impl Stopper {
     /// See `Broker::reload_tls`.
     pub fn reload_tls(&self) -> Vec<String> {
         self.0.tls.reload(&self.0.listeners)
+    }
+
+    /// Re-reads the password file (SIGHUP); on error the old one stays.
+    pub fn reload_auth(&self) -> Result<(), String> {
+        self.0.auth.reload()
     }
 
     pub fn stop(&self) {

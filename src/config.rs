@@ -77,6 +77,11 @@ pub struct Config {
     pub persistent_client_expiration: String,
     /// More listeners (`[[listener]]`), beside the plain one at `bind`:`port`.
     pub listener: Vec<ListenerConfig>,
+    /// mosquitto's password file (`mosquitto_passwd` or `tern passwd`): `user:$7$...` lines.
+    pub password_file: Option<PathBuf>,
+    /// Clients without a username may connect. Unset: only while every listener is on loopback
+    /// and there is no `password_file` (mosquitto 2.0's rule).
+    pub allow_anonymous: Option<bool>,
 }
 
 /// What a listener speaks.
@@ -201,6 +206,8 @@ impl Default for Config {
             memory_limit: 0,
             persistent_client_expiration: "7d".into(),
             listener: Vec::new(),
+            password_file: None,
+            allow_anonymous: None,
         }
     }
 }
@@ -284,6 +291,11 @@ impl Config {
         }
         for (i, l) in self.listener.iter().enumerate() {
             l.validate(i)?;
+        }
+        if let Some(p) = &self.password_file {
+            if let Err(e) = std::fs::metadata(p) {
+                return bad("password_file", &format!("{}: {e}", p.display()));
+            }
         }
         if let Err(why) = parse_expiration(&self.persistent_client_expiration) {
             return bad("persistent_client_expiration", &why);

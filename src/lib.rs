@@ -32,6 +32,7 @@
 //! ```
 
 pub mod alloc;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;

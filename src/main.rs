@@ -53,10 +53,91 @@ struct Cli {
     /// Verbose logging (debug level).
     #[arg(short = 'v', long)]
     verbose: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Manage a password file, as mosquitto_passwd does: writes $7$ (PBKDF2-SHA512) entries
+    /// that mosquitto 2.0 reads too.
+    Passwd {
+        /// Create the file (overwriting one that exists).
+        #[arg(short = 'c')]
+        create: bool,
+        /// Take the password from the command line instead of a prompt.
+        #[arg(short = 'b')]
+        batch: bool,
+        /// Delete the user.
+        #[arg(short = 'D')]
+        delete: bool,
+        /// PBKDF2 iterations.
+        #[arg(short = 'I', default_value_t = tern::auth::passwd::DEFAULT_ITERATIONS)]
+        iterations: u32,
+        file: PathBuf,
+        user: String,
+        /// With -b.
+        password: Option<String>,
+    },
+}
+
+/// `tern passwd`: exit status 0 on success, 1 with a message otherwise.
+fn passwd(cmd: Cmd) -> ExitCode {
+    let Cmd::Passwd { create, batch, delete, iterations, file, user, password } = cmd;
+    let fail = |why: String| {
+        eprintln!("tern passwd: {why}");
+        ExitCode::FAILURE
+    };
+    if user.contains(':') || user.is_empty() {
+        return fail("a user name must not be empty or contain ':'".into());
+    }
+    let text = if create {
+        String::new()
+    } else {
+        match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => return fail(format!("{}: {e} (use -c to create it)", file.display())),
+        }
+    };
+    let entry = if delete {
+        if !text.lines().any(|l| l.split_once(':').is_some_and(|(u, _)| u == user)) {
+            return fail(format!("user {user} not found"));
+        }
+        None
+    } else {
+        let password = match (batch, password) {
+            (true, Some(p)) => p,
+            (true, None) => return fail("-b needs the password on the command line".into()),
+            (false, Some(_)) => return fail("a password on the command line needs -b".into()),
+            (false, None) => {
+                let p = match rpassword::prompt_password("Password: ") {
+                    Ok(p) => p,
+                    Err(e) => return fail(format!("cannot read the password: {e}")),
+                };
+                match rpassword::prompt_password("Reenter password: ") {
+                    Ok(again) if again == p => p,
+                    Ok(_) => return fail("passwords do not match".into()),
+                    Err(e) => return fail(format!("cannot read the password: {e}")),
+                }
+            }
+        };
+        if iterations == 0 {
+            return fail("-I must be at least 1".into());
+        }
+        Some(tern::auth::Hash::new_pbkdf2(password.as_bytes(), iterations))
+    };
+    let out = tern::auth::passwd::set_user(&text, &user, entry.as_ref());
+    match std::fs::write(&file, out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{}: {e}", file.display())),
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(cmd) = cli.command.take() {
+        return passwd(cmd);
+    }
     let mut config = match &cli.config {
         Some(path) => match Config::from_file(path) {
             Ok(c) => c,
@@ -103,6 +184,10 @@ fn main() -> ExitCode {
     std::thread::spawn(move || {
         for sig in signals.forever() {
             if sig == SIGHUP {
+                match stopper.reload_auth() {
+                    Ok(()) => log::info!("SIGHUP: password file reloaded"),
+                    Err(e) => log::error!("SIGHUP: keeping the old password file: {e}"),
+                }
                 // Certificates renewed (certbot and friends): new connections get the new ones.
                 let errors = stopper.reload_tls();
                 if errors.is_empty() {

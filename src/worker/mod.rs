@@ -166,6 +166,7 @@ pub struct Worker {
     counters: Counters,
     sys: stats::SysState,
     budget: limits::Budget,
+    auth: connect::AuthState,
 }
 
 impl Worker {
@@ -203,6 +204,7 @@ impl Worker {
             counters: Counters::default(),
             sys: stats::SysState::new(),
             budget: limits::Budget::default(),
+            auth: connect::AuthState::default(),
             shared,
         }
     }
@@ -250,6 +252,7 @@ impl Worker {
                 }
             }
             self.take_mail();
+            self.take_verdicts();
             self.run_deferred();
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 self.shutdown();
