@@ -421,6 +421,8 @@ mod tests {
         assert!(e.contains("certfile") && e.contains("/nonexistent/s.pem"), "{e}");
         let e = Config::from_toml("[[listener]]\nport = 1\nkeyfile = \"k.pem\"\n").unwrap_err().to_string();
         assert!(e.contains("certfile") && e.contains("keyfile"), "{e}");
+        let e = Config::from_toml("password_file = \"/nonexistent/passwd\"\n").unwrap_err().to_string();
+        assert!(e.contains("password_file") && e.contains("/nonexistent/passwd"), "{e}");
         let e = Config::from_toml("[[listener]]\nport = 1\nprotocol = \"http2\"\n").unwrap_err().to_string();
         assert!(e.contains("protocol") || e.contains("http2"), "{e}");
     }

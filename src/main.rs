@@ -21,6 +21,7 @@ Configuration file keys (TOML; README.md has each with its default and what happ
   max_retained_messages, max_retained_bytes, max_partial_bytes, partial_packet_timeout,
   memory_limit, persistent_client_expiration, slow_subscriber_timeout,
   slow_subscriber_policy, sys_interval, allow_zero_length_clientid
+  password_file, allow_anonymous  mosquitto's password file (see `tern passwd`), anonymous clients
 
 More listeners, each a [[listener]] table (mosquitto's names):
   port                            TCP port (0: any free one)
