@@ -42,11 +42,16 @@ start_broker() {
         mosquitto) "${pin[@]}" mosquitto -c "$WORK/mosquitto.conf" 2>/dev/null & ;;
     esac
     BPID=$!
+    wait_port "$PORT" "$1"
+}
+
+# wait_port PORT NAME: until something accepts on 127.0.0.1:PORT (5 s at most).
+wait_port() {
     for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
         sleep 0.05
     done
-    echo "$1 did not start" >&2
+    echo "$2 did not start" >&2
     exit 1
 }
 

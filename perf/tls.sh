@@ -85,12 +85,7 @@ start() {
         mosquitto) "${pin[@]}" mosquitto -c "$WORK/mosquitto-tls.conf" 2>/dev/null & ;;
     esac
     BPID=$!
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$((PORT + 1))") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "$1 did not start" >&2
-    exit 1
+    wait_port $((PORT + 1)) "$1"
 }
 
 TLS=(--tls --cafile "$PKI/ca.pem")
