@@ -241,6 +241,11 @@ impl Broker {
         self.stopper().reload_tls()
     }
 
+    /// Re-reads the password and ACL files (SIGHUP); what does not load keeps its old version.
+    pub fn reload_auth(&self) -> Result<(), String> {
+        self.stopper().reload_auth()
+    }
+
     /// Whether every worker thread is still running (none has died of a panic).
     pub fn is_healthy(&self) -> bool {
         !self.shared.failed.load(Ordering::SeqCst) && self.threads.iter().all(|t| !t.is_finished())

@@ -82,6 +82,8 @@ pub struct Config {
     /// Clients without a username may connect. Unset: only while every listener is on loopback
     /// and there is no `password_file` (mosquitto 2.0's rule).
     pub allow_anonymous: Option<bool>,
+    /// mosquitto's ACL file: who may read and write which topics.
+    pub acl_file: Option<PathBuf>,
 }
 
 /// What a listener speaks.
@@ -208,6 +210,7 @@ impl Default for Config {
             listener: Vec::new(),
             password_file: None,
             allow_anonymous: None,
+            acl_file: None,
         }
     }
 }
@@ -295,6 +298,11 @@ impl Config {
         if let Some(p) = &self.password_file {
             if let Err(e) = std::fs::metadata(p) {
                 return bad("password_file", &format!("{}: {e}", p.display()));
+            }
+        }
+        if let Some(p) = &self.acl_file {
+            if let Err(e) = std::fs::metadata(p) {
+                return bad("acl_file", &format!("{}: {e}", p.display()));
             }
         }
         if let Err(why) = parse_expiration(&self.persistent_client_expiration) {

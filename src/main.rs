@@ -22,6 +22,7 @@ Configuration file keys (TOML; README.md has each with its default and what happ
   memory_limit, persistent_client_expiration, slow_subscriber_timeout,
   slow_subscriber_policy, sys_interval, allow_zero_length_clientid
   password_file, allow_anonymous  mosquitto's password file (see `tern passwd`), anonymous clients
+  acl_file                        mosquitto's ACL file (user, topic, pattern lines)
 
 More listeners, each a [[listener]] table (mosquitto's names):
   port                            TCP port (0: any free one)
@@ -186,8 +187,8 @@ fn main() -> ExitCode {
         for sig in signals.forever() {
             if sig == SIGHUP {
                 match stopper.reload_auth() {
-                    Ok(()) => log::info!("SIGHUP: password file reloaded"),
-                    Err(e) => log::error!("SIGHUP: keeping the old password file: {e}"),
+                    Ok(()) => log::info!("SIGHUP: password and ACL files reloaded"),
+                    Err(e) => log::error!("SIGHUP: kept the old version of what did not load: {e}"),
                 }
                 // Certificates renewed (certbot and friends): new connections get the new ones.
                 let errors = stopper.reload_tls();

@@ -5,6 +5,7 @@
 //! The password file is read again on SIGHUP; one that does not parse is refused with its line
 //! named and the old one stays.
 
+pub mod acl;
 pub mod passwd;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ pub enum Check {
 
 pub struct Auth {
     path: Option<PathBuf>,
+    acl_path: Option<PathBuf>,
+    acl: RwLock<Option<Arc<acl::Acl>>>,
+    /// Bumped on every ACL reload: sessions rebuild their view when it moves.
+    pub acl_generation: std::sync::atomic::AtomicU64,
     passwords: RwLock<Option<Arc<PasswordFile>>>,
     pub allow_anonymous: bool,
     /// Keys the verification cache (random per broker run, so keys cannot be precomputed).
@@ -63,10 +68,17 @@ impl Auth {
             Some(p) => Some(Arc::new(PasswordFile::load(p).map_err(|e| format!("`password_file` {e}"))?)),
             None => None,
         };
+        let acl = match &config.acl_file {
+            Some(p) => Some(Arc::new(acl::Acl::load(p).map_err(|e| format!("`acl_file` {e}"))?)),
+            None => None,
+        };
         let loopback_only = config.listeners().iter().all(|l| l.bind.is_some_and(|b| b.is_loopback()));
         let allow_anonymous = config.allow_anonymous.unwrap_or(passwords.is_none() && loopback_only);
         Ok(Auth {
             path: config.password_file.clone(),
+            acl_path: config.acl_file.clone(),
+            acl: RwLock::new(acl),
+            acl_generation: std::sync::atomic::AtomicU64::new(0),
             passwords: RwLock::new(passwords),
             allow_anonymous,
             hasher: ahash::RandomState::new(),
@@ -85,12 +97,36 @@ impl Auth {
         self.passwords.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-reads the password file (SIGHUP). On error the old one stays.
+    /// Re-reads the password and ACL files (SIGHUP). A file that does not parse is refused and
+    /// its old version stays.
     pub fn reload(&self) -> Result<(), String> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let fresh = PasswordFile::load(path).map_err(|e| format!("`password_file` {e}"))?;
-        *self.passwords.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fresh));
-        Ok(())
+        let mut errors = Vec::new();
+        if let Some(path) = &self.path {
+            match PasswordFile::load(path) {
+                Ok(fresh) => *self.passwords.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fresh)),
+                Err(e) => errors.push(format!("`password_file` {e}")),
+            }
+        }
+        if let Some(path) = &self.acl_path {
+            match acl::Acl::load(path) {
+                Ok(fresh) => {
+                    *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fresh));
+                    self.acl_generation.fetch_add(1, Ordering::Release);
+                }
+                Err(e) => errors.push(format!("`acl_file` {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// A client's view of the ACL file, if there is one.
+    pub fn client_acl(&self, user: Option<&str>, client_id: &str) -> Option<acl::ClientAcl> {
+        let acl = self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(acl.client(user, client_id))
     }
 
     /// The first look at a CONNECT's credentials, on the worker: anonymous, unknown user, or a

@@ -189,6 +189,8 @@ pub struct Session {
     pub last_progress: Option<Instant>,
     /// A stall check is armed.
     pub stall_timer: bool,
+    /// What the ACL file lets this client read and write (none: no ACL file).
+    pub access: Option<Box<crate::auth::acl::SessionAccess>>,
 }
 
 impl Session {
@@ -216,6 +218,7 @@ impl Session {
             stalled: false,
             last_progress: None,
             stall_timer: false,
+            access: None,
         }
     }
 

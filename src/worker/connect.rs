@@ -235,6 +235,7 @@ impl Worker {
         };
         let max_inflight = self.shared.config.max_inflight_messages as usize;
         self.sessions.set_conn(sk, Some(k));
+        self.grant_access(sk, connect.username.as_deref());
         let s = &mut self.sessions[sk];
         s.version = v;
         s.expiry_interval = expiry;

@@ -141,6 +141,9 @@ impl Worker {
                 continue; // [MQTT-3.8.3-3]
             }
             let sk = SessionKey(sk as usize);
+            if self.sessions[sk].access.is_some() && !self.may(sk, m.topic, crate::auth::acl::Access::Read) {
+                continue;
+            }
             let qos = m.qos.min(o.qos);
             // [MQTT-3.3.1-9]: forwarded with retain cleared, unless 5.0 retain-as-published.
             let retain = m.retain && o.retain_as_published;
@@ -265,6 +268,9 @@ impl Worker {
 
     /// Sends (or, QoS 1/2, offers) a delivery now, whatever waits in the session's backlog.
     fn deliver_now(&mut self, sk: SessionKey, d: Delivery, pace: bool) {
+        if self.sessions[sk].access.is_some() && !self.may(sk, &d.msg.topic, crate::auth::acl::Access::Read) {
+            return;
+        }
         if d.qos != QoS::AtMostOnce {
             return self.offer_now(sk, d, pace);
         }
@@ -384,7 +390,7 @@ impl Worker {
     pub(super) fn settle_backlog(&mut self, sk: SessionKey) {
         let Some(b) = self.sessions[sk].backlog.take() else { return };
         for (d, _) in b.items {
-            if d.qos != QoS::AtMostOnce {
+            if d.qos != QoS::AtMostOnce && self.may(sk, &d.msg.topic, crate::auth::acl::Access::Read) {
                 self.offer_now(sk, d, false);
             }
         }

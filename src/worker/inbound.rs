@@ -157,8 +157,14 @@ impl Worker {
             _ => true,
         };
         let mut matched = true;
+        let mut denied = false;
         if topic.starts_with("$SYS") {
             // Clients do not publish into the broker's own statistics: acknowledged, dropped.
+        } else if !self.may(sk, topic, crate::auth::acl::Access::Write) {
+            // No write access: not delivered (5.0: the acknowledgement says 0x87; 3.1.1 has no
+            // way to say it, so it is acknowledged and dropped, as mosquitto does).
+            log::debug!("client {}: no write access to {topic}", self.sessions[sk].client_id);
+            denied = true;
         } else if p.qos == QoS::AtMostOnce && self.budget.over_memory {
             // Past `memory_limit` QoS 0 is shed first: nothing was promised for it.
             self.counters.publish_dropped += 1;
@@ -179,7 +185,9 @@ impl Worker {
             };
             matched = self.route_view(&m, None);
         }
-        let reason = if v5 && p.qos != QoS::AtMostOnce && !matched {
+        let reason = if v5 && denied {
+            ReasonCode::NOT_AUTHORIZED
+        } else if v5 && p.qos != QoS::AtMostOnce && !matched {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS
@@ -238,6 +246,17 @@ impl Worker {
             }
             if new && !self.subscription_fits(sk, filter.len()) {
                 codes.push(failure(v5, ReasonCode::QUOTA_EXCEEDED));
+                continue;
+            }
+            // ACL: a filter nothing can ever be read through is refused; one that covers some
+            // denied topics is granted, and those are filtered per message.
+            let readable = match topic::parse_shared(filter) {
+                Ok(Some(sf)) => sf.filter.to_string(),
+                _ => filter.to_string(),
+            };
+            if !self.may_subscribe(sk, &readable) {
+                log::debug!("client {}: no read access through {filter:?}", self.sessions[sk].client_id);
+                codes.push(failure(v5, ReasonCode::NOT_AUTHORIZED));
                 continue;
             }
             let code = match topic::parse_shared(filter) {

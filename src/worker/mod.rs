@@ -14,6 +14,7 @@
 //! Closing a connection detaches it from its session at once but frees its slab slot only in
 //! step 4, so no handler ever finds a key it holds pointing at nothing.
 
+mod access;
 mod conn;
 mod connect;
 mod deliver;
