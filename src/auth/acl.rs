@@ -149,6 +149,14 @@ impl ClientAcl {
         self.rules.iter().filter(matching).any(|r| r.grant.allows(access))
     }
 
+    /// May everything `filter` matches be read? (Then deliveries through it need no check.)
+    pub fn grants_whole(&self, filter: &str) -> bool {
+        let dollar = filter.starts_with('$');
+        let applies = |r: &&Rule| !dollar || r.filter.starts_with('$');
+        !self.rules.iter().filter(applies).any(|r| r.grant == Grant::Deny && overlap(&r.filter, filter))
+            && self.rules.iter().filter(applies).any(|r| r.grant.allows(Access::Read) && covers(&r.filter, filter))
+    }
+
     /// May a SUBSCRIBE to `filter` ever deliver anything? Only if some read grant overlaps it and
     /// no deny rule covers all of it. (What it overlaps is then checked per message.)
     pub fn may_subscribe(&self, filter: &str) -> bool {
@@ -269,6 +277,9 @@ pattern read users/%u/inbox
         assert!(alice.may_subscribe("#"), "overlaps sensors/#");
         assert!(!alice.may_subscribe("sensors/secret"), "covered by a deny");
         assert!(!alice.may_subscribe("other/+"));
+        assert!(alice.grants_whole("sensors/room/+"), "no check per message");
+        assert!(!alice.grants_whole("sensors/#"), "sensors/secret is inside: checked per message");
+        assert!(!alice.grants_whole("#"));
         assert!(alice.may_subscribe("$SYS/broker/clients/connected"));
         assert!(!alice.may_subscribe("$SYS/broker/uptime"));
     }
@@ -327,6 +338,10 @@ impl SessionAccess {
 
     pub fn may_subscribe(&self, filter: &str) -> bool {
         self.rules.may_subscribe(filter)
+    }
+
+    pub fn grants_whole(&self, filter: &str) -> bool {
+        self.rules.grants_whole(filter)
     }
 
     pub fn allows(&mut self, topic_name: &str, access: Access) -> bool {

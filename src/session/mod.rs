@@ -90,6 +90,9 @@ pub struct Publisher {
 pub struct Subscription {
     pub options: SubscriptionOptions,
     pub identifier: u32,
+    /// With an ACL file: 1 + the ACL generation under which everything this filter matches may
+    /// be read, so deliveries through it need no check; 0: each message is checked.
+    pub acl_whole: u32,
 }
 
 /// The shared subscription a delivery came through: `$share/{group}/{filter}`.

@@ -36,6 +36,17 @@ impl Worker {
         a.allows(topic, access)
     }
 
+    /// For a subscription being added: 1 + the ACL generation if everything `filter` matches
+    /// may be read (no check per message), else 0.
+    pub(super) fn whole_grant(&mut self, sk: SessionKey, filter: &str) -> u32 {
+        self.may(sk, "", Access::Read);
+        let generation = self.shared.auth.acl_generation.load(Ordering::Relaxed);
+        match self.sessions.get(sk).and_then(|s| s.access.as_deref()) {
+            Some(a) if a.generation == generation && a.grants_whole(filter) => generation as u32 + 1,
+            _ => 0,
+        }
+    }
+
     /// Whether a SUBSCRIBE to `filter` (the filter part of a shared one) can ever deliver.
     pub(super) fn may_subscribe(&mut self, sk: SessionKey, filter: &str) -> bool {
         // Brings the session's rules up to date first.

@@ -119,15 +119,19 @@ impl Worker {
         let mut cached: [Option<(usize, usize)>; 2] = [None, None];
         let mut ids: Vec<u32> = Vec::new();
         let max_out = self.shared.config.max_output_bytes;
+        // Subscriptions whose whole filter the ACL grants carry this mark: no check per message.
+        let whole_mark = self.shared.auth.acl_generation.load(std::sync::atomic::Ordering::Relaxed) as u32 + 1;
         let mut i = 0;
         while i < matches.len() {
             // Merge every subscription of one session.
             let sk = matches[i].0;
             let mut o = matches[i].1.options;
+            let mut whole = true;
             ids.clear();
             let mut j = i;
             while j < matches.len() && matches[j].0 == sk {
                 let sub = matches[j].1;
+                whole &= sub.acl_whole == whole_mark;
                 o.qos = o.qos.max(sub.options.qos);
                 o.retain_as_published |= sub.options.retain_as_published;
                 o.no_local &= sub.options.no_local;
@@ -141,7 +145,7 @@ impl Worker {
                 continue; // [MQTT-3.8.3-3]
             }
             let sk = SessionKey(sk as usize);
-            if self.sessions[sk].access.is_some() && !self.may(sk, m.topic, crate::auth::acl::Access::Read) {
+            if !whole && self.sessions[sk].access.is_some() && !self.may(sk, m.topic, crate::auth::acl::Access::Read) {
                 continue;
             }
             let qos = m.qos.min(o.qos);

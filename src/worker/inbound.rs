@@ -236,7 +236,7 @@ impl Worker {
         let mut joins = Vec::new();
         let max_subs = self.shared.config.max_subscriptions_per_client;
         for (filter, opts) in &filters {
-            let subscription = Subscription { options: *opts, identifier };
+            let mut subscription = Subscription { options: *opts, identifier, acl_whole: 0 };
             let s = &self.sessions[sk];
             let new = !s.subscriptions.contains_key(filter);
             if s.subscriptions.len() >= max_subs && new {
@@ -258,6 +258,9 @@ impl Worker {
                 log::debug!("client {}: no read access through {filter:?}", self.sessions[sk].client_id);
                 codes.push(failure(v5, ReasonCode::NOT_AUTHORIZED));
                 continue;
+            }
+            if self.sessions[sk].access.is_some() {
+                subscription.acl_whole = self.whole_grant(sk, &readable);
             }
             let code = match topic::parse_shared(filter) {
                 Ok(Some(sf)) => {
