@@ -18,18 +18,6 @@ use crate::codec::{
 };
 use crate::session::{Message, Session, SessionKey, NEVER};
 
-/// Password checks that passed, kept per worker so reconnects cost no hashing; cleared whole
-/// when this many are kept.
-const AUTH_CACHE_MAX: usize = 16 * 1024;
-
-/// A worker's side of authentication: CONNECTs waiting for the verifier pool, and the cache.
-#[derive(Default)]
-pub struct AuthState {
-    waiting: std::collections::HashMap<usize, (u64, Box<Connect>)>,
-    cache: std::collections::HashSet<u64>,
-    verdicts: Vec<crate::auth::Verdict>,
-}
-
 impl Worker {
     /// Handles CONNECT on the worker the connection landed on. Returns the CONNECT back when the
     /// client id lives on another worker, for the caller to hand the connection over.
@@ -74,83 +62,9 @@ impl Worker {
         }
     }
 
-    /// The credentials of a CONNECT: passed at once (anonymous allowed, a certificate identity,
-    /// a cached check), refused at once (no password file entry), or sent to the verifier pool
-    /// while the connection waits. Returns the CONNECT when it may go on now.
-    fn authenticate(&mut self, k: ConnKey, connect: Box<Connect>) -> Option<Box<Connect>> {
-        let auth = self.shared.auth.clone();
-        if !auth.enabled() || self.conns[k].transport.identity().is_some() {
-            return Some(connect);
-        }
-        let user = connect.username.as_deref();
-        match auth.check(user, connect.password.as_deref(), &self.auth.cache) {
-            crate::auth::Check::Pass => Some(connect),
-            crate::auth::Check::Refuse(v3, v5, why) => {
-                self.refuse(k, v3, v5, why);
-                None
-            }
-            crate::auth::Check::Verify => {
-                let c = &mut self.conns[k];
-                c.flags.blocked = true;
-                let req = crate::auth::Request {
-                    worker: self.id,
-                    conn: k.0,
-                    uid: c.uid,
-                    user: user.unwrap_or_default().to_string(),
-                    password: connect.password.as_deref().unwrap_or_default().to_vec(),
-                };
-                self.auth.waiting.insert(k.0, (c.uid, connect));
-                auth.submit(req);
-                None
-            }
-        }
-    }
-
-    /// The verifier pool's answers for this worker's connections.
-    pub(super) fn take_verdicts(&mut self) {
-        let mut verdicts = std::mem::take(&mut self.auth.verdicts);
-        self.shared.auth.take_verdicts(self.id, &mut verdicts);
-        for v in verdicts.drain(..) {
-            let k = ConnKey(v.conn);
-            let Some((uid, connect)) = self.auth.waiting.remove(&v.conn) else { continue };
-            if uid != v.uid {
-                // The slot was reused; this verdict is for a connection already gone.
-                self.auth.waiting.insert(v.conn, (uid, connect));
-                continue;
-            }
-            if !self.conns.alive(k, uid) {
-                continue;
-            }
-            self.conns[k].flags.blocked = false;
-            let Some(key) = v.passed else {
-                let why = "bad user name or password";
-                self.refuse(
-                    k,
-                    ConnectReturnCode::BAD_USER_NAME_OR_PASSWORD,
-                    ReasonCode::BAD_USER_NAME_OR_PASSWORD,
-                    why,
-                );
-                continue;
-            };
-            if self.auth.cache.len() >= AUTH_CACHE_MAX {
-                self.auth.cache.clear();
-            }
-            self.auth.cache.insert(key);
-            match self.admit(k, connect) {
-                Some(handover) => {
-                    self.release_partial(k);
-                    let rest = std::mem::take(&mut self.conns[k].rbuf);
-                    self.hand_over(k, handover, rest);
-                }
-                None => self.turn.more_to_read.push((k, uid)),
-            }
-        }
-        self.auth.verdicts = verdicts;
-    }
-
     /// An authenticated CONNECT: a client id for an empty one, then on to the client id's home
     /// worker (returned for the caller to hand the connection over) or attached here.
-    fn admit(&mut self, k: ConnKey, mut connect: Box<Connect>) -> Option<(Box<Connect>, bool)> {
+    pub(super) fn admit(&mut self, k: ConnKey, mut connect: Box<Connect>) -> Option<(Box<Connect>, bool)> {
         let v = connect.protocol;
         let mut assigned = false;
         if connect.client_id.is_empty() {
@@ -184,7 +98,7 @@ impl Worker {
     }
 
     /// Answers CONNECT with a refusal and closes once it is written.
-    fn refuse(&mut self, k: ConnKey, v3: ReasonCode, v5: ReasonCode, why: &str) {
+    pub(super) fn refuse(&mut self, k: ConnKey, v3: ReasonCode, v5: ReasonCode, why: &str) {
         let c = &mut self.conns[k];
         let v = c.version.unwrap_or(ProtocolVersion::V311);
         log::info!("refusing CONNECT from {}: {why}", c.peer());

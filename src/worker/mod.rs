@@ -14,7 +14,7 @@
 //! Closing a connection detaches it from its session at once but frees its slab slot only in
 //! step 4, so no handler ever finds a key it holds pointing at nothing.
 
-mod access;
+mod auth;
 mod conn;
 mod connect;
 mod deliver;
@@ -167,7 +167,7 @@ pub struct Worker {
     counters: Counters,
     sys: stats::SysState,
     budget: limits::Budget,
-    auth: connect::AuthState,
+    auth: auth::AuthState,
 }
 
 impl Worker {
@@ -205,7 +205,7 @@ impl Worker {
             counters: Counters::default(),
             sys: stats::SysState::new(),
             budget: limits::Budget::default(),
-            auth: connect::AuthState::default(),
+            auth: auth::AuthState::default(),
             shared,
         }
     }
