@@ -419,6 +419,24 @@ fn hostile_input_on_tls_and_websocket_listeners_closes_only_that_connection() {
     ws.ws.send(tungstenite::Message::Text("hello".into())).unwrap();
     let mut sink = [0u8; 16];
     assert!(matches!(ws.read(&mut sink), Ok(0) | Err(_)), "closed after a text frame");
+    // Pings, never reading the pongs: closed once 256 KiB of pongs wait, not buffered forever.
+    let mut s = TcpStream::connect(a[3]).unwrap();
+    s.write_all(b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").unwrap();
+    let mut ping = vec![0x89, 0xfd]; // masked ping with 125 bytes of payload
+    ping.extend_from_slice(&[0, 0, 0, 0]);
+    ping.extend_from_slice(&[b'p'; 125]);
+    let flood: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 8192).collect();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut closed = false;
+    for _ in 0..64 {
+        if let Err(e) = s.write_all(&flood) {
+            // Reset or broken by the broker, not a write that merely timed out.
+            assert!(!matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}");
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a client flooding pings without reading is closed");
     // A frame header announcing 1 GiB: closed before anything is buffered.
     let mut s = TcpStream::connect(a[3]).unwrap();
     s.write_all(b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").unwrap();

@@ -112,6 +112,11 @@ impl WsStream {
                     // Ping (tungstenite queued the pong), pong, raw frame.
                     let _ = ctx.flush(&mut pipe);
                     self.flush_output()?;
+                    // A client that pings without reading the pongs would grow `output` without
+                    // end: past a bound it is closed.
+                    if self.output.len() > 4 * PENDING_MAX {
+                        return Err(invalid("WebSocket pings faster than the client reads the pongs"));
+                    }
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.fill()? == 0 {
