@@ -64,19 +64,13 @@ protocol = "websockets"
 certfile = "$PKI/server.pem"
 keyfile = "$PKI/server-key.pem"
 CONF
-cat > "$WORK/mosquitto-tls.conf" <<CONF
-per_listener_settings false
-allow_anonymous true
-persistence false
-max_inflight_messages 20
-max_queued_messages 1000
-set_tcp_nodelay true
-log_dest none
-listener $PORT 127.0.0.1
-listener $((PORT + 1)) 127.0.0.1
-certfile $PKI/server.pem
-keyfile $PKI/server-key.pem
-CONF
+# mosquitto's configuration from perf/lib.sh, plus a TLS listener (the lines after a `listener`
+# line are that listener's).
+write_mosquitto_conf
+{
+    cat "$WORK/mosquitto.conf"
+    printf 'listener %s 127.0.0.1\ncertfile %s\nkeyfile %s\n' $((PORT + 1)) "$PKI/server.pem" "$PKI/server-key.pem"
+} > "$WORK/mosquitto-tls.conf"
 
 start() {
     local pin=(taskset -c "$BROKER_CPU")
