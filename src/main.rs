@@ -62,7 +62,7 @@ struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
     /// Manage a password file, as mosquitto_passwd does: writes $7$ (PBKDF2-SHA512) entries
-    /// that mosquitto 2.0 reads too.
+    /// that mosquitto 2.0 reads too, or with --scram tern's SCRAM-SHA-256 entries.
     Passwd {
         /// Create the file (overwriting one that exists).
         #[arg(short = 'c')]
@@ -73,9 +73,13 @@ enum Cmd {
         /// Delete the user.
         #[arg(short = 'D')]
         delete: bool,
-        /// PBKDF2 iterations.
-        #[arg(short = 'I', default_value_t = tern::auth::passwd::DEFAULT_ITERATIONS)]
-        iterations: u32,
+        /// PBKDF2 iterations (default 210,000; 4,096 with --scram, which clients pay for).
+        #[arg(short = 'I')]
+        iterations: Option<u32>,
+        /// Write a SCRAM-SHA-256 entry (salt, iterations, StoredKey, ServerKey), for MQTT 5.0
+        /// enhanced authentication; plain passwords are checked against it too.
+        #[arg(long)]
+        scram: bool,
         file: PathBuf,
         user: String,
         /// With -b.
@@ -85,7 +89,7 @@ enum Cmd {
 
 /// `tern passwd`: exit status 0 on success, 1 with a message otherwise.
 fn passwd(cmd: Cmd) -> ExitCode {
-    let Cmd::Passwd { create, batch, delete, iterations, file, user, password } = cmd;
+    let Cmd::Passwd { create, batch, delete, iterations, scram, file, user, password } = cmd;
     let fail = |why: String| {
         eprintln!("tern passwd: {why}");
         ExitCode::FAILURE
@@ -123,10 +127,19 @@ fn passwd(cmd: Cmd) -> ExitCode {
                 }
             }
         };
+        let iterations = iterations.unwrap_or(if scram {
+            tern::auth::scram::DEFAULT_ITERATIONS
+        } else {
+            tern::auth::passwd::DEFAULT_ITERATIONS
+        });
         if iterations == 0 {
             return fail("-I must be at least 1".into());
         }
-        Some(tern::auth::Hash::new_pbkdf2(password.as_bytes(), iterations))
+        Some(if scram {
+            tern::auth::Hash::Scram(tern::auth::scram::Entry::new(password.as_bytes(), iterations))
+        } else {
+            tern::auth::Hash::new_pbkdf2(password.as_bytes(), iterations)
+        })
     };
     let out = tern::auth::passwd::set_user(&text, &user, entry.as_ref());
     match std::fs::write(&file, out) {

@@ -219,3 +219,166 @@ fn a_storm_of_wrong_passwords_does_not_slow_a_healthy_pair() {
     b.shutdown();
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// The client's side of SCRAM-SHA-256 (RFC 5802, RFC 7677), written here from the RFC rather
+/// than taken from the broker: (client-final-message, the server-final-message to expect).
+fn scram_client_final(password: &str, client_first_bare: &str, server_first: &str) -> (String, String) {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    let mac = |key: &[u8], data: &[u8]| {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap();
+        m.update(data);
+        m.finalize().into_bytes().to_vec()
+    };
+    let attr = |name: &str| {
+        server_first.split(',').find_map(|a| a.strip_prefix(name)).unwrap_or_else(|| panic!("{name} in {server_first}"))
+    };
+    let nonce = attr("r=");
+    assert!(nonce.starts_with(client_first_bare.rsplit_once("r=").unwrap().1), "server nonce extends ours");
+    let salt = B64.decode(attr("s=")).unwrap();
+    let iterations: u32 = attr("i=").parse().unwrap();
+    let mut salted = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iterations, &mut salted);
+    let client_key = mac(&salted, b"Client Key");
+    let stored_key = Sha256::digest(&client_key);
+    let without_proof = format!("c=biws,r={nonce}");
+    let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+    let signature = mac(&stored_key, auth_message.as_bytes());
+    let proof: Vec<u8> = client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
+    let server_signature = mac(&mac(&salted, b"Server Key"), auth_message.as_bytes());
+    (format!("{without_proof},p={}", B64.encode(proof)), format!("v={}", B64.encode(server_signature)))
+}
+
+fn auth_packet(reason: ReasonCode, data: &str) -> Packet {
+    let mut a = Auth { reason, ..Default::default() };
+    a.properties.authentication_method = Some(MqttStr::from("SCRAM-SHA-256"));
+    a.properties.authentication_data = Some(Bytes::copy_from_slice(data.as_bytes()));
+    Packet::Auth(Box::new(a))
+}
+
+fn auth_data(p: &Properties) -> String {
+    assert_eq!(p.authentication_method.as_deref(), Some("SCRAM-SHA-256"), "same method [MQTT-4.12.0-5]");
+    String::from_utf8(p.authentication_data.as_deref().expect("authentication data").to_vec()).unwrap()
+}
+
+/// One SCRAM exchange (with `proof_password` for the proof): the client, and the CONNACK.
+fn scram_connect(addr: std::net::SocketAddr, user: &str, proof_password: &str) -> (Client, ConnAck) {
+    let nonce = format!("{:x}{:x}", rand_suffix(), rand_suffix());
+    let bare = format!("n={user},r={nonce}");
+    let mut c = Connect::new(format!("scram-{}", rand_suffix()).as_str());
+    c.protocol = ProtocolVersion::V5;
+    c.properties.authentication_method = Some(MqttStr::from("SCRAM-SHA-256"));
+    c.properties.authentication_data = Some(Bytes::from(format!("n,,{bare}")));
+    let mut client = Client::open(addr, ProtocolVersion::V5);
+    client.send(&Packet::Connect(Box::new(c)));
+    let server_first = match client.recv() {
+        Packet::Auth(a) => {
+            assert_eq!(a.reason, ReasonCode::CONTINUE_AUTHENTICATION);
+            auth_data(&a.properties)
+        }
+        // An unknown method, or a malformed first message, ends here.
+        Packet::ConnAck(a) => return (client, *a),
+        other => panic!("expected AUTH, got {other:?}"),
+    };
+    let (client_final, server_final) = scram_client_final(proof_password, &bare, &server_first);
+    client.send(&auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &client_final));
+    match client.recv() {
+        Packet::ConnAck(a) => {
+            if a.code == ReasonCode::SUCCESS {
+                assert_eq!(auth_data(&a.properties), server_final, "the server proves it knows the key");
+            }
+            (client, *a)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// Re-authentication on a connected client [MQTT-4.12.1]: AUTH 0x19, 0x18, then 0x00 or a
+/// DISCONNECT.
+fn scram_reauth(client: &mut Client, user: &str, proof_password: &str) -> Packet {
+    let bare = format!("n={user},r=re{:x}", rand_suffix());
+    client.send(&auth_packet(ReasonCode::REAUTHENTICATE, &format!("n,,{bare}")));
+    let server_first = match client.recv_where(|p| matches!(p, Packet::Auth(_))) {
+        Packet::Auth(a) => auth_data(&a.properties),
+        _ => unreachable!(),
+    };
+    let (client_final, server_final) = scram_client_final(proof_password, &bare, &server_first);
+    client.send(&auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &client_final));
+    let answer = client.recv_where(|p| matches!(p, Packet::Auth(_) | Packet::Disconnect(_)));
+    if let Packet::Auth(a) = &answer {
+        assert_eq!(a.reason, ReasonCode::SUCCESS);
+        assert_eq!(auth_data(&a.properties), server_final);
+    }
+    answer
+}
+
+#[test]
+fn scram_sha_256_enhanced_authentication_and_reauthentication() {
+    let d = dir();
+    let file = d.join("passwd");
+    let f = file.to_str().unwrap();
+    tern_passwd(&["-c", "-b", "--scram", f, "dave", "s3cret,=x"]);
+    tern_passwd(&["-b", "-I", "1000", f, "alice", "wonderland"]);
+    assert!(std::fs::read_to_string(&file).unwrap().contains("dave:$scram-sha-256$4096$"));
+    for workers in [1, 4] {
+        let config = tern::Config { password_file: Some(file.clone()), connect_timeout: 2, ..config(workers) };
+        let b = start_with(config);
+        let a = b.local_addr();
+        // The full exchange; the session then works like any other.
+        let (mut c, ack) = scram_connect(a, "dave", "s3cret,=x");
+        assert_eq!(ack.code, ReasonCode::SUCCESS);
+        assert_eq!(c.subscribe("scram/t", QoS::AtLeastOnce), ReasonCode::GRANTED_QOS_1);
+        c.publish("scram/t", "hello", QoS::AtLeastOnce, false);
+        assert_eq!(&c.recv_publish().payload[..], b"hello");
+        // Re-authentication, twice, then with a wrong proof: DISCONNECT 0x87 [MQTT-4.12.1-2].
+        for _ in 0..2 {
+            assert!(matches!(scram_reauth(&mut c, "dave", "s3cret,=x"), Packet::Auth(_)));
+        }
+        c.publish("scram/t", "still here", QoS::AtLeastOnce, false);
+        assert_eq!(&c.recv_publish().payload[..], b"still here");
+        match scram_reauth(&mut c, "dave", "wrong") {
+            Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::NOT_AUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+        c.expect_closed();
+        // A wrong proof, an unknown user, a user with only a $7$ entry: CONNACK 0x87.
+        for (user, password) in [("dave", "s3cret"), ("nobody", "x"), ("alice", "wonderland")] {
+            let (mut c, ack) = scram_connect(a, user, password);
+            assert_eq!(ack.code, ReasonCode::NOT_AUTHORIZED, "{user}");
+            c.expect_closed();
+        }
+        // The SCRAM entry takes a plain password too.
+        assert_eq!(connect_as(a, ProtocolVersion::V5, Some("dave"), Some("s3cret,=x")).code, ReasonCode::SUCCESS);
+        assert_eq!(connect_as(a, ProtocolVersion::V311, Some("dave"), Some("no")).code.0, 4);
+        // Another method: 0x8C [MQTT-4.12.0-1].
+        let mut k = Connect::new("other-method");
+        k.protocol = ProtocolVersion::V5;
+        k.properties.authentication_method = Some(MqttStr::from("KERBEROS"));
+        let (mut c, ack) = Client::connect_with(a, k);
+        assert_eq!(ack.code, ReasonCode::BAD_AUTHENTICATION_METHOD);
+        c.expect_closed();
+        // AUTH from a client that gave no method in CONNECT: protocol error [MQTT-4.12.0-7].
+        let mut k = Connect::new("no-method");
+        k.protocol = ProtocolVersion::V5;
+        k.username = Some(MqttStr::from("dave"));
+        k.password = Some(Bytes::from_static(b"s3cret,=x"));
+        let (mut c, ack) = Client::connect_with(a, k);
+        assert_eq!(ack.code, ReasonCode::SUCCESS);
+        c.send(&auth_packet(ReasonCode::REAUTHENTICATE, "n,,n=dave,r=x"));
+        match c.recv() {
+            Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::PROTOCOL_ERROR),
+            other => panic!("{other:?}"),
+        }
+        // A client that stops mid-exchange is closed at the connect timeout.
+        let mut k = Connect::new("stalled");
+        k.protocol = ProtocolVersion::V5;
+        k.properties.authentication_method = Some(MqttStr::from("SCRAM-SHA-256"));
+        k.properties.authentication_data = Some(Bytes::from_static(b"n,,n=dave,r=abc"));
+        let mut c = Client::open(a, ProtocolVersion::V5);
+        c.send(&Packet::Connect(Box::new(k)));
+        assert!(matches!(c.recv(), Packet::Auth(_)));
+        c.expect_closed();
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod acl;
 pub mod passwd;
+pub mod scram;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,8 @@ pub struct Auth {
     pub allow_anonymous: bool,
     /// Keys the verification cache (random per broker run, so keys cannot be precomputed).
     hasher: ahash::RandomState,
+    /// Derives SCRAM stand-in salts for unknown users (random per broker run).
+    scram_secret: [u8; 32],
     requests: Mutex<Option<Sender<Request>>>,
     /// Per worker: verdicts waiting, and whether any are.
     verdicts: Vec<Mutex<Vec<Verdict>>>,
@@ -82,6 +85,12 @@ impl Auth {
             passwords: RwLock::new(passwords),
             allow_anonymous,
             hasher: ahash::RandomState::new(),
+            scram_secret: {
+                use rand_core::RngCore;
+                let mut s = [0u8; 32];
+                rand_core::OsRng.fill_bytes(&mut s);
+                s
+            },
             requests: Mutex::new(None),
             verdicts: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             ready: (0..workers).map(|_| AtomicBool::new(false)).collect(),
@@ -120,6 +129,20 @@ impl Auth {
             Ok(())
         } else {
             Err(errors.join("; "))
+        }
+    }
+
+    /// Whether SCRAM-SHA-256 enhanced authentication can be offered (there is a password file).
+    pub fn scram_available(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// The SCRAM entry of `user`, or a stand-in that fails at the proof for a user without one
+    /// (unknown, or with a `$7$`/`$6$` entry, which SCRAM cannot use).
+    pub fn scram_entry(&self, user: &str) -> scram::Entry {
+        match self.passwords().as_deref().and_then(|f| f.get(user)) {
+            Some((Hash::Scram(entry), _)) => entry.clone(),
+            _ => scram::stand_in(&self.scram_secret, user),
         }
     }
 

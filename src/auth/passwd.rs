@@ -4,7 +4,9 @@
 //! - `$7$<iterations>$<salt>$<hash>`: PBKDF2-HMAC-SHA512, 64-byte output (mosquitto 2.0 writes 101
 //!   iterations and 12-byte salts, 2.1 210,000 and 64): any iteration count and salt length.
 //!
-//! `tern passwd` writes `$7$` entries, which mosquitto 2.0 reads too.
+//! `tern passwd` writes `$7$` entries, which mosquitto 2.0 reads too; `tern passwd --scram` writes
+//! tern's own `$scram-sha-256$<iterations>$<salt>$<StoredKey>$<ServerKey>` entries, which serve
+//! SCRAM-SHA-256 enhanced authentication and plain passwords alike (mosquitto does not read them).
 
 use std::collections::HashMap;
 
@@ -20,8 +22,18 @@ pub const DEFAULT_ITERATIONS: u32 = 210_000;
 /// How one user's password is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hash {
-    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
-    Pbkdf2 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
+    Sha512 {
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    Pbkdf2 {
+        iterations: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    /// tern's own `$scram-sha-256$` entry: a SCRAM-SHA-256 client can authenticate with it
+    /// (see `scram`), and a plain password is checked against it too.
+    Scram(super::scram::Entry),
 }
 
 impl Hash {
@@ -42,7 +54,8 @@ impl Hash {
                 }
                 Ok(Hash::Pbkdf2 { iterations, salt: b64("salt", salt)?, hash })
             }
-            _ => Err("expected $6$salt$hash or $7$iterations$salt$hash".into()),
+            ["", "scram-sha-256", rest @ ..] => Ok(Hash::Scram(super::scram::Entry::parse(rest)?)),
+            _ => Err("expected $6$salt$hash, $7$iterations$salt$hash or $scram-sha-256$...".into()),
         }
     }
 
@@ -61,6 +74,7 @@ impl Hash {
                 pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
                 out.as_slice().ct_eq(hash).into()
             }
+            Hash::Scram(entry) => entry.verify_password(password),
         }
     }
 
@@ -80,6 +94,7 @@ impl Hash {
             Hash::Pbkdf2 { iterations, salt, hash } => {
                 format!("$7${iterations}${}${}", B64.encode(salt), B64.encode(hash))
             }
+            Hash::Scram(entry) => entry.encode(),
         }
     }
 }

@@ -40,8 +40,7 @@ impl Worker {
             return None;
         }
         if connect.properties.authentication_method.is_some() {
-            let why = "no authentication method is configured";
-            self.refuse(k, ConnectReturnCode::NOT_AUTHORIZED, ReasonCode::BAD_AUTHENTICATION_METHOD, why);
+            self.start_enhanced_auth(k, connect);
             return None;
         }
         let mut connect = connect;
@@ -192,9 +191,15 @@ impl Worker {
             let uid = c.uid;
             self.timers.arm(self.clock.ms + c.keep_alive as u64 * 1500, Timer::conn(k, uid));
         }
+        if connect.properties.authentication_method.is_some() {
+            self.scram_attached(k, connect.username.as_deref().unwrap_or_default());
+        }
         let mut ack = ConnAck { session_present: present, code: ReasonCode::SUCCESS, ..Default::default() };
         if v.is_v5() {
             let p = &mut ack.properties;
+            // Enhanced authentication: the method and its last message (SCRAM's server-final).
+            p.authentication_method = connect.properties.authentication_method.clone();
+            p.authentication_data = connect.properties.authentication_data.clone();
             if assigned_id {
                 p.assigned_client_identifier = Some(client_id.clone());
             }
@@ -249,6 +254,8 @@ impl Worker {
             return;
         }
         c.flags.closed = true;
+        self.scram_forget(k);
+        let c = &mut self.conns[k];
         // Its input is never read again: free it now, not at the end of the turn (a turn can
         // close many connections, each holding up to `max_packet_size`).
         c.rbuf = BytesMut::new();

@@ -29,7 +29,8 @@ impl Worker {
     /// Every packet after CONNECT except PUBLISH (which takes the borrowed path).
     pub(super) fn on_packet(&mut self, k: ConnKey, packet: Packet) {
         let Some(sk) = self.conns[k].session else {
-            // The codec only lets CONNECT through before a session exists.
+            // The codec only lets CONNECT through before a session exists; during an enhanced
+            // authentication exchange only AUTH (handled before this) and DISCONNECT may come.
             self.close(k, CloseKind::NoSession);
             return;
         };
@@ -79,9 +80,6 @@ impl Worker {
                     if d.reason == ReasonCode::DISCONNECT_WITH_WILL { CloseKind::Abnormal } else { CloseKind::Normal };
                 self.close(k, kind);
             }
-            Packet::Auth(_) => {
-                self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, "AUTH without an authentication method")
-            }
             other => {
                 let why = format!("{} is not sent by clients", other.name());
                 self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, &why);
@@ -100,7 +98,11 @@ impl Worker {
 
     /// A PUBLISH from a client, parsed in place.
     pub(super) fn on_publish(&mut self, k: ConnKey, p: PublishRef<'_>) {
-        let Some(sk) = self.conns[k].session else { return };
+        let Some(sk) = self.conns[k].session else {
+            // Only during an enhanced authentication exchange, where only AUTH may come.
+            let why = "PUBLISH before CONNACK during authentication [MQTT-3.1.2-30]";
+            return self.disconnect_with(k, ReasonCode::PROTOCOL_ERROR, why);
+        };
         let v5 = self.sessions[sk].version.is_v5();
         let mut alias_topic: Option<MqttStr> = None;
         let mut stripped: Option<Properties> = None;

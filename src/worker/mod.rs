@@ -365,9 +365,12 @@ impl Worker {
         }
         let now = self.clock.ms32();
         let c = &self.conns[k];
-        let (limit, since, why, kind) = if c.version.is_none() {
+        let (limit, since, why, kind) = if c.session.is_none() {
+            // No CONNECT yet, or one still being authenticated (a SCRAM exchange, a password
+            // check): both must be done within the connect timeout.
             let limit = self.shared.config.connect_timeout().as_millis() as u32;
-            (limit, c.created, "no CONNECT in time", CloseKind::NoSession)
+            let why = if c.version.is_none() { "no CONNECT in time" } else { "authentication not done in time" };
+            (limit, c.created, why, CloseKind::NoSession)
         } else if c.keep_alive > 0 {
             // [MQTT-3.1.2-24]: one and a half times the keep alive.
             (c.keep_alive as u32 * 1500, c.last_rx, "keep alive timeout", CloseKind::Abnormal)

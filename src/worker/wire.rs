@@ -195,6 +195,12 @@ impl Worker {
                             return false;
                         }
                     }
+                    Packet::Auth(auth) => {
+                        if let Some(handover) = self.on_auth(k, *auth) {
+                            self.hand_over(k, handover, buf.split());
+                            return false;
+                        }
+                    }
                     packet => self.on_packet(k, packet),
                 }
             }
