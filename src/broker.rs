@@ -64,6 +64,11 @@ pub struct Shared {
     pub tls: crate::transport::TlsConfigs,
     /// Password file, `allow_anonymous` and the verifier pool.
     pub auth: Arc<crate::auth::Auth>,
+    /// Persistence (none when off): the store thread's marks, its channel, and what the store
+    /// held at start-up for the workers to put back.
+    pub store: Option<Arc<crate::store::StoreShared>>,
+    pub store_tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<crate::store::Batch>>>,
+    pub recovery: Option<Arc<crate::worker::RecoveryPlan>>,
 }
 
 impl Shared {
@@ -102,6 +107,7 @@ pub struct Broker {
     addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    store_thread: Option<JoinHandle<()>>,
 }
 
 fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -158,14 +164,50 @@ impl Broker {
                 }
             }
         }
+        let mode = crate::store::Mode::parse(&config.persistence).unwrap_or(crate::store::Mode::Off);
+        let opened = match (&config.persistence_location, mode) {
+            (Some(dir), m) if m != crate::store::Mode::Off => {
+                Some(crate::store::Store::open(dir).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?)
+            }
+            _ => None,
+        };
+        let hasher = ahash::RandomState::new();
+        let home = |id: &str| (hasher.hash_one(id) % n as u64) as usize;
+        let group_home = |g: &str, f: &str| (hasher.hash_one((g, f)) % n as u64) as usize;
+        let mut store_parts = None;
+        let mut recovery = None;
+        if let Some((store, recovered)) = opened {
+            let max_sid = crate::store::Store::max_sid(&recovered);
+            let queued: usize = recovered.sessions.iter().map(|s| s.entries.len()).sum();
+            log::info!(
+                "persistence ({}): recovered {} session(s), {queued} queued message(s), {} retained message(s) in {:.1?}",
+                config.persistence,
+                recovered.sessions.len(),
+                recovered.retained.len(),
+                recovered.took
+            );
+            let ss = Arc::new(crate::store::StoreShared {
+                mode,
+                workers: n,
+                committed: (0..n * n).map(|_| AtomicU64::new(0)).collect(),
+                failed: AtomicBool::new(false),
+                next_sid: AtomicU64::new(max_sid + 1),
+                commits: AtomicU64::new(0),
+            });
+            recovery = Some(Arc::new(crate::worker::RecoveryPlan::new(recovered, n, home, group_home)));
+            store_parts = Some((store, ss));
+        }
         let shared = Arc::new(Shared {
+            store: store_parts.as_ref().map(|(_, ss)| ss.clone()),
+            store_tx: std::sync::Mutex::new(None),
+            recovery,
             workers: n,
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             wakers,
             parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
-            hasher: ahash::RandomState::new(),
+            hasher,
             started: Instant::now(),
             clients_maximum: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -181,6 +223,16 @@ impl Broker {
             crate::auth::start_verifiers(&shared.auth, 2, move |w| {
                 let _ = wakers[w].wake();
             });
+        }
+        let mut store_thread = None;
+        if let Some((store, ss)) = store_parts {
+            let wakers = shared.wakers.clone();
+            let interval = std::time::Duration::from_secs(shared.config.persistence_interval);
+            let (tx, t) = crate::store::start(store, ss, interval, move |w| {
+                let _ = wakers[w].wake();
+            });
+            *shared.store_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            store_thread = Some(t);
         }
         let cores = if shared.config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { vec![] };
         let mut threads = Vec::with_capacity(n);
@@ -222,7 +274,7 @@ impl Broker {
         for (i, (spec, addr)) in shared.listeners.iter().zip(&addrs).enumerate().skip(1) {
             log::info!("listener {i} on {addr} ({})", spec.scheme());
         }
-        Ok(Broker { addrs, shared, threads })
+        Ok(Broker { addrs, shared, threads, store_thread })
     }
 
     /// The plain listener's address.
@@ -266,6 +318,11 @@ impl Broker {
     /// died rather than stopped.
     pub fn join(self) -> bool {
         for t in self.threads {
+            let _ = t.join();
+        }
+        // Every worker has sent its last batch: the store commits it and stops.
+        self.shared.store_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.store_thread {
             let _ = t.join();
         }
         crate::auth::stop_verifiers(&self.shared.auth);

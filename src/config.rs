@@ -84,6 +84,14 @@ pub struct Config {
     pub allow_anonymous: Option<bool>,
     /// mosquitto's ACL file: who may read and write which topics.
     pub acl_file: Option<PathBuf>,
+    /// `off` (nothing on disk), `periodic` (written behind the traffic, synced every
+    /// `persistence_interval`) or `durable` (a QoS 1/2 PUBLISH is acknowledged once it and its
+    /// queue entries are synced).
+    pub persistence: String,
+    /// The directory of the store (`tern.redb`); needed unless `persistence` is off.
+    pub persistence_location: Option<PathBuf>,
+    /// Seconds between syncs in `periodic` mode.
+    pub persistence_interval: u64,
 }
 
 /// What a listener speaks.
@@ -207,6 +215,9 @@ impl Default for Config {
             max_queued_bytes: 16 << 20,
             memory_limit: 0,
             persistent_client_expiration: "7d".into(),
+            persistence: "off".into(),
+            persistence_location: None,
+            persistence_interval: 1,
             listener: Vec::new(),
             password_file: None,
             allow_anonymous: None,
@@ -304,6 +315,21 @@ impl Config {
             if let Err(e) = std::fs::metadata(p) {
                 return bad("acl_file", &format!("{}: {e}", p.display()));
             }
+        }
+        match crate::store::Mode::parse(&self.persistence) {
+            None => return bad("persistence", "expected off, periodic or durable"),
+            Some(crate::store::Mode::Off) => {}
+            Some(mode) => {
+                if self.persistence_location.is_none() {
+                    return bad("persistence_location", "a directory is needed when persistence is not off");
+                }
+                if mode == crate::store::Mode::Durable && self.worker_count() > 64 {
+                    return bad("persistence", "durable persistence supports at most 64 workers");
+                }
+            }
+        }
+        if self.persistence_interval == 0 {
+            return bad("persistence_interval", "must be at least 1 second");
         }
         if let Err(why) = parse_expiration(&self.persistent_client_expiration) {
             return bad("persistent_client_expiration", &why);

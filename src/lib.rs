@@ -39,6 +39,7 @@ pub mod config;
 pub mod ring;
 pub mod router;
 pub mod session;
+pub mod store;
 pub mod sys;
 pub mod topic;
 pub mod transport;

@@ -33,7 +33,7 @@ impl SubscriptionOptions {
         SubscriptionOptions { qos, ..Default::default() }
     }
 
-    fn decode(byte: u8, v: ProtocolVersion) -> Result<Self, DecodeError> {
+    pub fn decode(byte: u8, v: ProtocolVersion) -> Result<Self, DecodeError> {
         let reserved = if v.is_v5() { 0xc0 } else { 0xfc };
         if byte & reserved != 0 {
             return Err(DecodeError::SubscriptionOptionsReserved);
@@ -53,7 +53,7 @@ impl SubscriptionOptions {
         })
     }
 
-    fn encode(&self, v: ProtocolVersion) -> u8 {
+    pub fn encode(&self, v: ProtocolVersion) -> u8 {
         let mut b = self.qos as u8;
         if v.is_v5() {
             b |= (self.no_local as u8) << 2 | (self.retain_as_published as u8) << 3 | (self.retain_handling as u8) << 4;

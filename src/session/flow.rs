@@ -97,21 +97,43 @@ impl Session {
         } else if bound.bytes != 0 && self.queued_bytes + size > bound.bytes {
             Offer::DroppedBytes
         } else {
+            let mut d = d;
+            if let Some(st) = self.store.as_deref_mut() {
+                d.seq = st.next_seq;
+                st.next_seq += 1;
+                st.journal.push((d.seq, Some((None, d.clone()))));
+            }
             self.queued_bytes += size;
             self.queue.push_back(d);
             Offer::Queued
         }
     }
 
-    fn send(&mut self, d: Delivery, now: Instant, out: &mut dyn Outlet) -> Offer {
+    /// Persistence: entry `seq` is gone (completed, expired, refused).
+    fn forget(&mut self, seq: u64) {
+        if let (Some(st), true) = (self.store.as_deref_mut(), seq != 0) {
+            st.journal.push((seq, None));
+        }
+    }
+
+    fn send(&mut self, mut d: Delivery, now: Instant, out: &mut dyn Outlet) -> Offer {
         if d.msg.expired(now) {
+            self.forget(d.seq);
             return Offer::Discarded;
         }
         let id = self.next_packet_id();
         if !out.publish(id, &d, false) {
+            self.forget(d.seq);
             return Offer::Discarded;
         }
         let state = if d.qos == crate::codec::QoS::AtLeastOnce { OutState::AwaitAck } else { OutState::AwaitRec };
+        if let Some(st) = self.store.as_deref_mut() {
+            if d.seq == 0 {
+                d.seq = st.next_seq;
+                st.next_seq += 1;
+            }
+            st.journal.push((d.seq, Some((Some((state, id.get())), d.clone()))));
+        }
         self.inflight.push_back(Inflight { packet_id: id, state, delivery: d });
         Offer::Sent
     }
@@ -148,7 +170,9 @@ impl Session {
     pub fn complete(&mut self, id: PacketId, waiting: OutState) -> bool {
         match self.inflight_position(id) {
             Some(i) if self.inflight[i].state == waiting => {
-                self.inflight.remove(i);
+                if let Some(done) = self.inflight.remove(i) {
+                    self.forget(done.delivery.seq);
+                }
                 true
             }
             _ => false,
@@ -167,10 +191,16 @@ impl Session {
     pub fn on_pubrec(&mut self, id: PacketId, refused: bool) -> PubRecOutcome {
         let Some(i) = self.inflight_position(id) else { return PubRecOutcome::Unknown };
         if refused {
-            self.inflight.remove(i);
+            if let Some(done) = self.inflight.remove(i) {
+                self.forget(done.delivery.seq);
+            }
             return PubRecOutcome::Ended;
         }
         self.inflight[i].state = OutState::AwaitComp;
+        if let Some(st) = self.store.as_deref_mut() {
+            let f = &self.inflight[i];
+            st.journal.push((f.delivery.seq, Some((Some((OutState::AwaitComp, id.get())), f.delivery.clone()))));
+        }
         PubRecOutcome::Release
     }
 
@@ -254,7 +284,7 @@ mod tests {
     fn delivery(payload: &str, qos: QoS, expires_at: Option<Instant>) -> Delivery {
         let mut msg = Message::plain(MqttStr::from("t"), bytes::Bytes::copy_from_slice(payload.as_bytes()), qos, false);
         msg.expires_at = expires_at;
-        Delivery { msg: Arc::new(msg), qos, retain: false, sub_ids: vec![], group: None }
+        Delivery { msg: Arc::new(msg), qos, retain: false, sub_ids: vec![], group: None, seq: 0 }
     }
 
     fn session(window: usize) -> Session {

@@ -33,6 +33,9 @@ pub struct Message {
     pub publisher: Option<Publisher>,
     /// From the 5.0 message expiry interval: not delivered after this [MQTT-3.3.2-5].
     pub expires_at: Option<Instant>,
+    /// Durable persistence: (origin worker << 48) | sequence, so each worker can report how far
+    /// it has routed (see `store`); 0 when not persisted.
+    pub stamp: u64,
 }
 
 impl Message {
@@ -47,6 +50,7 @@ impl Message {
             origin: None,
             publisher: None,
             expires_at: None,
+            stamp: 0,
         }
     }
 
@@ -64,6 +68,7 @@ impl Message {
             origin,
             publisher: None,
             expires_at,
+            stamp: 0,
         }
     }
 
@@ -110,6 +115,8 @@ pub struct Delivery {
     /// Set when it came through a shared subscription: if the session goes away before it is
     /// acknowledged, it goes to another member of the group.
     pub group: Option<Box<GroupKey>>,
+    /// Its entry in the session's persisted queue (0: none).
+    pub seq: u64,
 }
 
 /// Deliveries waiting for a session's output to drain: retained messages matched on SUBSCRIBE
@@ -194,6 +201,32 @@ pub struct Session {
     pub stall_timer: bool,
     /// What the ACL file lets this client read and write (none: no ACL file).
     pub access: Option<Box<crate::auth::acl::SessionAccess>>,
+    /// Persistence: this session's id in the store and what changed since it was last written
+    /// (none: not persisted).
+    pub store: Option<Box<SessionStore>>,
+}
+
+/// A queue entry's new state: in flight as (state, packet id), or queued (None), and the delivery.
+pub type JournalEntry = (Option<(OutState, u16)>, Delivery);
+
+/// A persisted session's bookkeeping: its id in the store, the next queue entry number, and the
+/// queue changes not yet handed to the store thread.
+#[derive(Debug, Default)]
+pub struct SessionStore {
+    pub sid: u64,
+    pub next_seq: u64,
+    /// The session's own record must be written again.
+    pub dirty: bool,
+    /// On the worker's list of sessions to write at the end of the turn.
+    pub listed: bool,
+    /// (entry number, its new state; None: gone).
+    pub journal: Vec<(u64, Option<JournalEntry>)>,
+}
+
+impl SessionStore {
+    pub fn new(sid: u64) -> SessionStore {
+        SessionStore { sid, next_seq: 1, dirty: true, ..Default::default() }
+    }
 }
 
 impl Session {
@@ -222,6 +255,7 @@ impl Session {
             last_progress: None,
             stall_timer: false,
             access: None,
+            store: None,
         }
     }
 

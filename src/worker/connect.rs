@@ -222,6 +222,7 @@ impl Worker {
             self.sessions[sk].resend(&mut out);
             self.pump(sk);
         }
+        self.persist_attach(sk);
     }
 
     /// Sends a 5.0 client a DISCONNECT with `code` (and the reason, if it wants problem
@@ -303,12 +304,13 @@ impl Worker {
         if expiry == 0 {
             self.end_session(sk);
         } else {
+            self.touch_meta(sk);
             self.arm_session_timer(sk);
         }
     }
 
     /// Arms a timer for the session's next deadline (will delay, expiry) unless one fires first.
-    fn arm_session_timer(&mut self, sk: SessionKey) {
+    pub(super) fn arm_session_timer(&mut self, sk: SessionKey) {
         let persistent = self.shared.config.persistent_expiry_secs();
         let s = &mut self.sessions[sk];
         let will = s.pending_will.as_ref().map(|p| p.0);
@@ -361,6 +363,7 @@ impl Worker {
             self.conns[k].session = None;
         }
         self.release(sk);
+        self.persist_end(sk);
         let s = self.sessions.remove(sk);
         self.shared.subscription_bytes.fetch_sub(s.subscription_bytes, Ordering::Relaxed);
         for filter in s.subscriptions.keys() {

@@ -25,6 +25,7 @@ pub struct View<'a> {
     pub origin: Option<(u16, u32)>,
     pub publisher: Option<Publisher>,
     pub expires_at: Option<Instant>,
+    pub stamp: u64,
 }
 
 impl View<'_> {
@@ -38,6 +39,7 @@ impl View<'_> {
             origin: self.origin,
             publisher: self.publisher,
             expires_at: self.expires_at,
+            stamp: self.stamp,
         })
     }
 }
@@ -52,6 +54,7 @@ fn view(m: &Message) -> View<'_> {
         origin: m.origin,
         publisher: m.publisher,
         expires_at: m.expires_at,
+        stamp: m.stamp,
     }
 }
 
@@ -73,6 +76,7 @@ impl Worker {
             let msg = shared.get_or_insert_with(|| m.to_message()).clone();
             keep = self.room_to_retain(&msg);
             self.store_retained(&msg, keep);
+            self.persist_retained(&msg, keep);
         } else {
             self.router.peers_matching(m.topic, &mut peers);
         }
@@ -153,14 +157,14 @@ impl Worker {
             let retain = m.retain && o.retain_as_published;
             if qos != QoS::AtMostOnce {
                 let msg = shared.get_or_insert_with(|| m.to_message()).clone();
-                self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None }, true);
+                self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 }, true);
                 continue;
             }
             let s = &self.sessions[sk];
             let Some(ck) = s.conn else { continue }; // QoS 0 is not kept for offline sessions
             if s.backlog.is_some() {
                 let msg = shared.get_or_insert_with(|| m.to_message()).clone();
-                self.behind_backlog(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None });
+                self.behind_backlog(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 });
                 continue;
             }
             let c = &mut self.conns[ck];
@@ -224,7 +228,7 @@ impl Worker {
         let qos = msg.qos.min(member.sub.options.qos);
         let ids = if member.sub.identifier != 0 { vec![member.sub.identifier] } else { vec![] };
         let retain = msg.retain && member.sub.options.retain_as_published;
-        let d = Delivery { msg, qos, retain, sub_ids: ids, group: Some(key) };
+        let d = Delivery { msg, qos, retain, sub_ids: ids, group: Some(key), seq: 0 };
         if member.worker as usize == self.id {
             let sk = SessionKey(member.session as usize);
             if self.sessions.is(sk, member.session_uid) {
@@ -327,6 +331,7 @@ impl Worker {
             }
             None => s.offer(d, self.clock.now, max_queued, None),
         };
+        self.touch(sk);
         match offer {
             Offer::Dropped => self.counters.publish_dropped += 1,
             Offer::DroppedBytes => {
@@ -356,6 +361,7 @@ impl Worker {
         if wrote {
             self.mark_dirty(ck);
         }
+        self.touch(sk);
         self.feed_backlog(sk);
         self.drained(sk);
     }

@@ -40,7 +40,9 @@ impl Worker {
             Packet::PubComp(a) => self.completed(sk, a.packet_id, OutState::AwaitComp),
             Packet::PubRec(a) => {
                 let mut rel = Ack::new(a.packet_id);
-                match self.sessions[sk].on_pubrec(a.packet_id, a.reason.is_error()) {
+                let outcome = self.sessions[sk].on_pubrec(a.packet_id, a.reason.is_error());
+                self.touch(sk);
+                match outcome {
                     PubRecOutcome::Ended => return self.pump(sk),
                     PubRecOutcome::Release => {}
                     PubRecOutcome::Unknown if v5 => rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
@@ -54,6 +56,7 @@ impl Worker {
                 if !self.sessions[sk].release_qos2(a.packet_id) && v5 {
                     comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
                 }
+                self.touch_meta(sk);
                 self.send(k, &Packet::PubComp(comp));
             }
             Packet::Subscribe(subscribe) => {
@@ -88,6 +91,7 @@ impl Worker {
     }
 
     fn completed(&mut self, sk: SessionKey, id: crate::codec::PacketId, waiting: OutState) {
+        self.touch(sk);
         let s = &mut self.sessions[sk];
         if s.complete(id, waiting) {
             s.last_progress = Some(self.clock.now);
@@ -144,12 +148,25 @@ impl Worker {
             None => p.properties.as_deref(),
         };
         self.counters.messages_received += 1;
+        if p.qos != QoS::AtMostOnce && self.store_failed() {
+            let ack = match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(Ack::new(id)),
+                (_, Some(id)) => Packet::PubRec(Ack::new(id)),
+                _ => return,
+            };
+            return self.refuse_unstored(k, ack);
+        }
         let fresh = match (p.qos, p.packet_id) {
             (QoS::ExactlyOnce, Some(id)) => {
                 // 3.1.1 has no receive maximum: there the 65,535 packet ids bound the set.
                 let limit = v5.then_some(self.shared.config.max_inflight_messages as usize);
                 match self.sessions[sk].receive_qos2(id, limit) {
-                    Ok(fresh) => fresh,
+                    Ok(fresh) => {
+                        if fresh {
+                            self.touch_meta(sk);
+                        }
+                        fresh
+                    }
                     Err(_) => {
                         let why = "more QoS 2 messages in flight than the receive maximum [MQTT-3.3.4-7]";
                         return self.disconnect_with(k, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, why);
@@ -160,6 +177,7 @@ impl Worker {
         };
         let mut matched = true;
         let mut denied = false;
+        let mut stamp = 0;
         if topic.starts_with("$SYS") {
             // Clients do not publish into the broker's own statistics: acknowledged, dropped.
         } else if !self.may(sk, topic, crate::auth::acl::Access::Write) {
@@ -173,6 +191,9 @@ impl Worker {
             let what = || format!("memory_limit reached: shedding QoS 0 messages (to {topic})");
             self.over_budget(super::limits::Limit::MemoryQos0, what);
         } else if fresh {
+            if p.qos != QoS::AtMostOnce && self.durable() {
+                stamp = self.next_stamp();
+            }
             let m = View {
                 topic,
                 payload: p.payload,
@@ -184,6 +205,7 @@ impl Worker {
                 expires_at: properties
                     .and_then(|p| p.message_expiry_interval)
                     .map(|s| self.clock.now + Duration::from_secs(s as u64)),
+                stamp,
             };
             matched = self.route_view(&m, None);
         }
@@ -194,10 +216,18 @@ impl Worker {
         } else {
             ReasonCode::SUCCESS
         };
-        match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.acknowledge(k, Packet::PubAck(Ack { reason, ..Ack::new(id) })),
-            (QoS::ExactlyOnce, Some(id)) => self.acknowledge(k, Packet::PubRec(Ack { reason, ..Ack::new(id) })),
-            _ => {}
+        let ack = match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(Ack { reason, ..Ack::new(id) }),
+            (QoS::ExactlyOnce, Some(id)) => Packet::PubRec(Ack { reason, ..Ack::new(id) }),
+            _ => return,
+        };
+        if stamp != 0 {
+            // Durable: acknowledged once every worker it went to has it on disk.
+            let peers = std::mem::take(&mut self.scratch.peers);
+            self.hold_ack(stamp, &peers, k, ack);
+            self.scratch.peers = peers;
+        } else {
+            self.acknowledge(k, ack);
         }
     }
 
@@ -311,6 +341,7 @@ impl Worker {
             }
             codes.push(code);
         }
+        self.touch_meta(sk);
         let ack = Box::new(SubAck { packet_id, codes, properties: Default::default() });
         let then = Then::SubAck { conn: k, conn_uid, session: sk, ack, retained };
         let remote_joins: Vec<_> = joins
@@ -382,7 +413,7 @@ impl Worker {
                         let qos = msg.qos.min(subscription.options.qos);
                         let ids = if subscription.identifier != 0 { vec![subscription.identifier] } else { vec![] };
                         // [MQTT-3.3.1-8]: retained messages for a new subscription go out with retain set.
-                        let d = Delivery { msg: msg.clone(), qos, retain: true, sub_ids: ids, group: None };
+                        let d = Delivery { msg: msg.clone(), qos, retain: true, sub_ids: ids, group: None, seq: 0 };
                         items.push_back((d, false));
                     });
                 }
@@ -405,6 +436,7 @@ impl Worker {
         let mut codes = Vec::with_capacity(unsub.filters.len());
         for filter in &unsub.filters {
             let removed = self.sessions[sk].subscriptions.remove(filter).is_some();
+            self.touch_meta(sk);
             if removed {
                 self.sessions[sk].subscription_bytes -= filter.len();
                 self.shared.subscription_bytes.fetch_sub(filter.len(), Ordering::Relaxed);

@@ -22,6 +22,9 @@ impl Worker {
                 if msg.qos != crate::codec::QoS::AtMostOnce {
                     self.mailbox.owe_credit(from);
                 }
+                if msg.stamp != 0 {
+                    self.routed(msg.stamp);
+                }
                 if msg.retain {
                     self.store_retained(&msg, keep);
                 }

@@ -23,6 +23,7 @@ mod inbound;
 mod limits;
 mod mail;
 mod mailbox;
+mod persist;
 mod stats;
 mod timers;
 mod wire;
@@ -44,6 +45,7 @@ use conn::{CloseKind, Conn, ConnKey, Conns, Transport};
 pub use limits::LIMITS;
 pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
+pub use persist::RecoveryPlan;
 use timers::{Timer, Timers};
 
 pub const WAKER: Token = Token(usize::MAX - 2);
@@ -168,6 +170,8 @@ pub struct Worker {
     sys: stats::SysState,
     budget: limits::Budget,
     auth: auth::AuthState,
+    /// Persistence, when it is on: the batch for the store thread, held acknowledgements.
+    persist: Option<Box<persist::WorkerStore>>,
 }
 
 impl Worker {
@@ -183,6 +187,11 @@ impl Worker {
         // Sized for this worker's share of `max_connections` up front: the memory is only
         // reserved, and pages are touched as entries are used, so growth never copies.
         let per_worker = shared.config.max_connections.div_ceil(n);
+        let tx = shared.store_tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let persist = match (&shared.store, tx) {
+            (Some(store), Some(tx)) => Some(Box::new(persist::WorkerStore::new(store.clone(), tx))),
+            _ => None,
+        };
         Worker {
             id,
             poll,
@@ -206,11 +215,13 @@ impl Worker {
             sys: stats::SysState::new(),
             budget: limits::Budget::default(),
             auth: auth::AuthState::default(),
+            persist,
             shared,
         }
     }
 
     pub fn run(&mut self) -> io::Result<()> {
+        self.recover();
         for (i, l) in self.listeners.iter_mut().enumerate() {
             self.poll.registry().register(l, Token(LISTENERS - i), Interest::READABLE)?;
         }
@@ -257,6 +268,7 @@ impl Worker {
             self.run_deferred();
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 self.shutdown();
+                self.flush_store();
                 return Ok(());
             }
             self.fire_timers();
@@ -266,6 +278,8 @@ impl Worker {
 
     /// Step 4 of the turn: output, closed connections, mail to peers.
     fn end_turn(&mut self) {
+        self.flush_store();
+        self.release_acks();
         self.flush_dirty();
         self.reap();
         self.mailbox.send_credits();

@@ -1,0 +1,340 @@
+//! Persistence: sessions, their queued and in-flight QoS 1/2 messages, and retained messages,
+//! kept in an embedded redb database (`persistence_location/tern.redb`) by one store thread.
+//!
+//! Workers never touch the disk. Each collects what changed during a loop turn into a `Batch`
+//! and sends it (one channel send per turn, not per message) to the store thread, which applies
+//! every batch waiting in one write transaction: in `durable` mode committed at once with an
+//! fsync (group commit: every batch that arrived meanwhile shares it), in `periodic` mode once
+//! every `persistence_interval`.
+//!
+//! A durable acknowledgement must wait for the queue entries of every session the message went
+//! to, which live on the subscribers' home workers. So each message a worker persists carries a
+//! stamp (origin worker, sequence number); every worker reports in its batches the highest stamp
+//! it has routed from each origin, and after a commit the store publishes those as
+//! `committed[target][origin]`. A publisher's PUBACK (PUBREC) goes out once every worker the
+//! message was handed to has a committed mark at or past its stamp.
+
+pub mod record;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::codec::MqttStr;
+use crate::session::Message;
+use record::{EntryRecord, SessionRecord};
+
+const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
+const ENTRIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("entries");
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Off,
+    Periodic,
+    Durable,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "off" => Some(Mode::Off),
+            "periodic" => Some(Mode::Periodic),
+            "durable" => Some(Mode::Durable),
+            _ => None,
+        }
+    }
+}
+
+/// One change, as a worker saw it.
+pub enum Op {
+    /// A persistent session's own record (written whole when it changes).
+    Session {
+        sid: u64,
+        record: Bytes,
+    },
+    /// The session ended: it and its queue go.
+    SessionEnd {
+        sid: u64,
+    },
+    /// A queued or in-flight message of a session, new or in a new state.
+    Entry {
+        sid: u64,
+        seq: u64,
+        entry: EntryRecord,
+    },
+    EntryDel {
+        sid: u64,
+        seq: u64,
+    },
+    /// A retained message (None: the topic was cleared).
+    Retain {
+        topic: MqttStr,
+        msg: Option<Arc<Message>>,
+    },
+}
+
+/// What one worker sends after a loop turn.
+pub struct Batch {
+    pub worker: u16,
+    pub ops: Vec<Op>,
+    /// (origin worker, highest stamp sequence routed from it), where it moved.
+    pub routed: Vec<(u16, u64)>,
+}
+
+/// What the workers share with the store thread.
+pub struct StoreShared {
+    pub mode: Mode,
+    pub workers: usize,
+    /// committed[target * workers + origin]: the highest stamp from `origin` whose routing on
+    /// `target` is on disk.
+    pub committed: Vec<AtomicU64>,
+    /// A write failed (disk full, I/O error): in durable mode QoS 1/2 publishes are refused.
+    pub failed: AtomicBool,
+    /// Session ids are unique for the life of the store.
+    pub next_sid: AtomicU64,
+    /// Commits and bytes written, for `$SYS` and the perf report.
+    pub commits: AtomicU64,
+}
+
+impl StoreShared {
+    pub fn committed(&self, target: usize, origin: usize) -> u64 {
+        self.committed[target * self.workers + origin].load(Ordering::Acquire)
+    }
+}
+
+/// A recovered session with its queue, oldest first.
+pub struct RecoveredSession {
+    pub sid: u64,
+    pub record: SessionRecord,
+    pub entries: Vec<(u64, EntryRecord)>,
+}
+
+/// What the store held at start-up.
+#[derive(Default)]
+pub struct Recovered {
+    pub sessions: Vec<RecoveredSession>,
+    pub retained: Vec<Arc<Message>>,
+    /// When the broker last wrote (a lower bound of when it stopped), wall-clock ms.
+    pub last_alive: u64,
+    pub took: Duration,
+}
+
+/// The store: opened (and read) at start-up, then run by its thread.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
+    format!("`persistence_location` {}: {what}: {e}", path.display())
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and reads everything in it. A directory that
+    /// cannot be written, or a store that is corrupt or truncated, is an error naming the file.
+    pub fn open(dir: &Path) -> Result<(Store, Recovered), String> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, "cannot create the directory", e))?;
+        let path = dir.join("tern.redb");
+        // redb needs to write even to open; say so plainly rather than with its own error.
+        let probe = dir.join(".tern-write-test");
+        std::fs::write(&probe, b"").map_err(|e| err(dir, "the directory is not writable", e))?;
+        let _ = std::fs::remove_file(&probe);
+        let db = match std::panic::catch_unwind(|| Database::create(&path)) {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(err(&path, "cannot open the store (corrupt or truncated?)", e)),
+            Err(_) => return Err(err(&path, "cannot open the store", "the file is corrupt")),
+        };
+        let store = Store { db, path };
+        let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.read()))
+            .unwrap_or_else(|_| Err("the file is corrupt".into()))
+            .map_err(|e| err(&store.path, "cannot read the store", e))?;
+        Ok((store, Recovered { took: started.elapsed(), ..recovered }))
+    }
+
+    fn read(&self) -> Result<Recovered, String> {
+        let s = |e: &dyn std::fmt::Display| e.to_string();
+        // Make sure every table exists, so an empty store reads as empty.
+        let w = self.db.begin_write().map_err(|e| s(&e))?;
+        {
+            w.open_table(SESSIONS).map_err(|e| s(&e))?;
+            w.open_table(ENTRIES).map_err(|e| s(&e))?;
+            w.open_table(RETAINED).map_err(|e| s(&e))?;
+            w.open_table(META).map_err(|e| s(&e))?;
+        }
+        w.commit().map_err(|e| s(&e))?;
+        let r = self.db.begin_read().map_err(|e| s(&e))?;
+        let now = Instant::now();
+        let wall_now = record::wall_ms();
+        let meta = r.open_table(META).map_err(|e| s(&e))?;
+        let last_alive = meta.get("last_alive").map_err(|e| s(&e))?.map_or(wall_now, |v| v.value());
+        let mut out = Recovered { last_alive, ..Default::default() };
+        let sessions = r.open_table(SESSIONS).map_err(|e| s(&e))?;
+        let entries = r.open_table(ENTRIES).map_err(|e| s(&e))?;
+        for row in sessions.iter().map_err(|e| s(&e))? {
+            let (k, v) = row.map_err(|e| s(&e))?;
+            let sid = k.value();
+            let record = record::get_session(v.value()).map_err(|e| format!("session {sid}: {e}"))?;
+            let mut queue = Vec::new();
+            for row in entries.range((sid, 0)..=(sid, u64::MAX)).map_err(|e| s(&e))? {
+                let (k, v) = row.map_err(|e| s(&e))?;
+                let seq = k.value().1;
+                let e = record::get_entry(v.value(), now, wall_now).map_err(|e| format!("entry {sid}/{seq}: {e}"))?;
+                queue.push((seq, e));
+            }
+            out.sessions.push(RecoveredSession { sid, record, entries: queue });
+        }
+        let retained = r.open_table(RETAINED).map_err(|e| s(&e))?;
+        for row in retained.iter().map_err(|e| s(&e))? {
+            let (k, v) = row.map_err(|e| s(&e))?;
+            let mut rd = crate::codec::wire::Reader::new(BytesMut::from(v.value()));
+            let m = record::get_message(&mut rd, now, wall_now).map_err(|e| format!("retained {}: {e}", k.value()))?;
+            if !m.expired(now) {
+                out.retained.push(Arc::new(m));
+            }
+        }
+        let _ = entries.len();
+        Ok(out)
+    }
+
+    /// The highest session id in use, so new ones do not collide.
+    pub fn max_sid(recovered: &Recovered) -> u64 {
+        recovered.sessions.iter().map(|s| s.sid).max().unwrap_or(0)
+    }
+
+    /// Runs the store thread until every worker's sender is dropped; then commits what is left.
+    pub fn run(self, rx: Receiver<Batch>, shared: Arc<StoreShared>, interval: Duration, wake: impl Fn(usize)) {
+        let mut marks: Vec<u64> = vec![0; shared.workers * shared.workers];
+        let mut last_commit = Instant::now();
+        let mut pending: Vec<Batch> = Vec::new();
+        loop {
+            let wait = match shared.mode {
+                Mode::Durable => Duration::from_millis(100),
+                _ => interval.saturating_sub(last_commit.elapsed()).max(Duration::from_millis(1)),
+            };
+            let closed = match rx.recv_timeout(wait) {
+                Ok(b) => {
+                    pending.push(b);
+                    false
+                }
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            while let Ok(b) = rx.try_recv() {
+                pending.push(b);
+            }
+            let due = closed || shared.mode == Mode::Durable || last_commit.elapsed() >= interval;
+            if !due {
+                continue;
+            }
+            last_commit = Instant::now();
+            if !pending.is_empty() || closed {
+                if shared.failed.load(Ordering::Relaxed) {
+                    pending.clear();
+                } else {
+                    match self.commit(&mut pending, &mut marks, shared.workers) {
+                        Ok(()) => {
+                            shared.commits.fetch_add(1, Ordering::Relaxed);
+                            for (i, m) in marks.iter().enumerate() {
+                                shared.committed[i].store(*m, Ordering::Release);
+                            }
+                            if shared.mode == Mode::Durable {
+                                for w in 0..shared.workers {
+                                    wake(w);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            log::error!(
+                                "persistence: writing {} failed: {e}; nothing more is written{}",
+                                self.path.display(),
+                                if shared.mode == Mode::Durable { " and QoS 1/2 publishes are refused" } else { "" }
+                            );
+                            shared.failed.store(true, Ordering::SeqCst);
+                            for w in 0..shared.workers {
+                                wake(w);
+                            }
+                        }
+                    }
+                }
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn commit(&self, batches: &mut Vec<Batch>, marks: &mut [u64], workers: usize) -> Result<(), redb::Error> {
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::Immediate);
+        let now = Instant::now();
+        let wall_now = record::wall_ms();
+        let mut buf = BytesMut::new();
+        {
+            let mut sessions = w.open_table(SESSIONS)?;
+            let mut entries = w.open_table(ENTRIES)?;
+            let mut retained = w.open_table(RETAINED)?;
+            for b in batches.iter() {
+                for op in &b.ops {
+                    match op {
+                        Op::Session { sid, record } => {
+                            sessions.insert(*sid, &record[..])?;
+                        }
+                        Op::SessionEnd { sid } => {
+                            sessions.remove(*sid)?;
+                            entries.retain_in((*sid, 0)..=(*sid, u64::MAX), |_, _| false)?;
+                        }
+                        Op::Entry { sid, seq, entry } => {
+                            buf.clear();
+                            record::put_entry(&mut buf, entry, now, wall_now);
+                            entries.insert((*sid, *seq), &buf[..])?;
+                        }
+                        Op::EntryDel { sid, seq } => {
+                            entries.remove((*sid, *seq))?;
+                        }
+                        Op::Retain { topic, msg: Some(m) } => {
+                            buf.clear();
+                            record::put_message(&mut buf, m, now, wall_now);
+                            retained.insert(topic.as_str(), &buf[..])?;
+                        }
+                        Op::Retain { topic, msg: None } => {
+                            retained.remove(topic.as_str())?;
+                        }
+                    }
+                }
+                for &(origin, seq) in &b.routed {
+                    let i = b.worker as usize * workers + origin as usize;
+                    marks[i] = marks[i].max(seq);
+                }
+            }
+            let mut meta = w.open_table(META)?;
+            meta.insert("last_alive", wall_now)?;
+        }
+        batches.clear();
+        w.commit()?;
+        Ok(())
+    }
+}
+
+/// Starts the store thread. Returns the sender each worker clones.
+pub fn start(
+    store: Store,
+    shared: Arc<StoreShared>,
+    interval: Duration,
+    wake: impl Fn(usize) + Send + 'static,
+) -> (Sender<Batch>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::Builder::new()
+        .name("tern-store".into())
+        .spawn(move || store.run(rx, shared, interval, wake))
+        .expect("spawn the store thread");
+    (tx, t)
+}
