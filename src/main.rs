@@ -23,6 +23,7 @@ Configuration file keys (TOML; README.md has each with its default and what happ
   slow_subscriber_policy, sys_interval, allow_zero_length_clientid
   password_file, allow_anonymous  mosquitto's password file (see `tern passwd`), anonymous clients
   acl_file                        mosquitto's ACL file (user, topic, pattern lines)
+  persistence, persistence_location, persistence_interval   off, periodic or durable; the store directory
 
 More listeners, each a [[listener]] table (mosquitto's names):
   port                            TCP port (0: any free one)
