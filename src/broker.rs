@@ -71,14 +71,19 @@ pub struct Shared {
     pub recovery: Option<Arc<crate::worker::RecoveryPlan>>,
 }
 
+/// Which of `workers` a key (a client id, a shared group) lives on.
+fn home(hasher: &ahash::RandomState, workers: usize, key: impl std::hash::Hash) -> usize {
+    (hasher.hash_one(key) % workers as u64) as usize
+}
+
 impl Shared {
     pub fn home_of(&self, client_id: &str) -> usize {
-        (self.hasher.hash_one(client_id) % self.workers as u64) as usize
+        home(&self.hasher, self.workers, client_id)
     }
 
     /// The worker that keeps a shared subscription group's members and picks who gets a message.
     pub fn home_of_group(&self, group: &str, filter: &str) -> usize {
-        (self.hasher.hash_one((group, filter)) % self.workers as u64) as usize
+        home(&self.hasher, self.workers, (group, filter))
     }
 }
 
@@ -172,8 +177,6 @@ impl Broker {
             _ => None,
         };
         let hasher = ahash::RandomState::new();
-        let home = |id: &str| (hasher.hash_one(id) % n as u64) as usize;
-        let group_home = |g: &str, f: &str| (hasher.hash_one((g, f)) % n as u64) as usize;
         let mut store_parts = None;
         let mut recovery = None;
         if let Some((store, recovered)) = opened {
@@ -193,8 +196,14 @@ impl Broker {
                 failed: AtomicBool::new(false),
                 next_sid: AtomicU64::new(max_sid + 1),
                 commits: AtomicU64::new(0),
+                ops: AtomicU64::new(0),
             });
-            recovery = Some(Arc::new(crate::worker::RecoveryPlan::new(recovered, n, home, group_home)));
+            recovery = Some(Arc::new(crate::worker::RecoveryPlan::new(
+                recovered,
+                n,
+                |id| home(&hasher, n, id),
+                |g, f| home(&hasher, n, (g, f)),
+            )));
             store_parts = Some((store, ss));
         }
         let shared = Arc::new(Shared {

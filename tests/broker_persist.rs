@@ -84,8 +84,11 @@ fn receive_all(c: &mut Client, until: u32) -> HashSet<u32> {
     let mut last: Option<u32> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     while (0..until).any(|i| !seen.contains(&i)) {
-        assert!(Instant::now() < deadline, "only {} of {until} arrived", seen.len());
-        let p = c.recv_publish();
+        let missing = (0..until).filter(|i| !seen.contains(i)).count();
+        assert!(Instant::now() < deadline, "{missing} of {until} never arrived");
+        let Some(Packet::Publish(p)) = c.try_recv(Duration::from_secs(10)) else {
+            panic!("{missing} of {until} never arrived (the first: {:?})", (0..until).find(|i| !seen.contains(i)));
+        };
         let n: u32 = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
         if seen.insert(n) {
             if let Some(l) = last {
@@ -283,4 +286,43 @@ fn a_corrupt_store_or_an_unwritable_directory_is_refused_at_start_up() {
     assert!(e.contains("persistence_location"), "{e}");
     let e = refused_at_start("persistence = \"sometimes\"\n");
     assert!(e.contains("persistence"), "{e}");
+}
+
+#[test]
+fn a_durable_publisher_that_never_waits_for_its_pubacks_is_paced_and_loses_nothing() {
+    // 3.1.1 has no receive maximum: a publisher may write as fast as it likes. Its held
+    // acknowledgements are bounded (it is not read while 2 x max_inflight_messages wait for the
+    // disk); every one still arrives, in order, and so does every message.
+    let dir = store_dir();
+    let (broker, a) = start("durable", &dir, 2);
+    let (mut sub, _) = persistent(a, "flood-sub");
+    sub.subscribe("flood/t", QoS::AtLeastOnce);
+    sub.disconnect();
+    let (mut publisher, _) = Client::connect(a, "flood-pub", true);
+    const N: u16 = 5_000;
+    let mut writer = publisher.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut out = bytes::BytesMut::new();
+        for i in 1..=N {
+            let mut p = Publish::new("flood/t", QoS::AtLeastOnce, Bytes::from(vec![b'x'; 1024]));
+            p.packet_id = PacketId::new(i);
+            Packet::Publish(p).encode(ProtocolVersion::V311, &mut out);
+        }
+        writer.write_all(&out).unwrap();
+    });
+    for i in 1..=N {
+        match publisher.recv() {
+            Packet::PubAck(ack) => assert_eq!(ack.packet_id.get(), i, "PUBACKs in order"),
+            other => panic!("{other:?}"),
+        }
+    }
+    sender.join().unwrap();
+    let (mut sub, ack) = persistent(a, "flood-sub");
+    assert!(ack.session_present);
+    for _ in 0..N {
+        let p = sub.recv_publish();
+        sub.ack(&p);
+    }
+    sigterm(broker);
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::codec::MqttStr;
 use crate::session::Message;
@@ -99,8 +99,9 @@ pub struct StoreShared {
     pub failed: AtomicBool,
     /// Session ids are unique for the life of the store.
     pub next_sid: AtomicU64,
-    /// Commits and bytes written, for `$SYS` and the perf report.
+    /// Commits, and changes they carried (logged at exit: how many changes share a sync).
     pub commits: AtomicU64,
+    pub ops: AtomicU64,
 }
 
 impl StoreShared {
@@ -200,7 +201,6 @@ impl Store {
                 out.retained.push(Arc::new(m));
             }
         }
-        let _ = entries.len();
         Ok(out)
     }
 
@@ -239,6 +239,8 @@ impl Store {
                 if shared.failed.load(Ordering::Relaxed) {
                     pending.clear();
                 } else {
+                    let ops: usize = pending.iter().map(|b| b.ops.len()).sum();
+                    shared.ops.fetch_add(ops as u64, Ordering::Relaxed);
                     match self.commit(&mut pending, &mut marks, shared.workers) {
                         Ok(()) => {
                             shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +268,11 @@ impl Store {
                 }
             }
             if closed {
+                log::info!(
+                    "persistence: {} commit(s) of {} change(s)",
+                    shared.commits.load(Ordering::Relaxed),
+                    shared.ops.load(Ordering::Relaxed)
+                );
                 return;
             }
         }

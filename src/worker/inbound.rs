@@ -436,7 +436,6 @@ impl Worker {
         let mut codes = Vec::with_capacity(unsub.filters.len());
         for filter in &unsub.filters {
             let removed = self.sessions[sk].subscriptions.remove(filter).is_some();
-            self.touch_meta(sk);
             if removed {
                 self.sessions[sk].subscription_bytes -= filter.len();
                 self.shared.subscription_bytes.fetch_sub(filter.len(), Ordering::Relaxed);
@@ -444,6 +443,7 @@ impl Worker {
             }
             codes.push(if removed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
+        self.touch_meta(sk);
         let ack = UnsubAck { packet_id: unsub.packet_id, codes, properties: Default::default() };
         self.send(k, &Packet::UnsubAck(Box::new(ack)));
     }

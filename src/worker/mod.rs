@@ -189,7 +189,9 @@ impl Worker {
         let per_worker = shared.config.max_connections.div_ceil(n);
         let tx = shared.store_tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let persist = match (&shared.store, tx) {
-            (Some(store), Some(tx)) => Some(Box::new(persist::WorkerStore::new(store.clone(), tx))),
+            (Some(store), Some(tx)) => {
+                Some(Box::new(persist::WorkerStore::new(store.clone(), tx, shared.config.max_inflight_messages)))
+            }
             _ => None,
         };
         Worker {

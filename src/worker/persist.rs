@@ -38,11 +38,19 @@ pub struct WorkerStore {
     reported: Vec<u64>,
     touched: Vec<(SessionKey, u64)>,
     held: VecDeque<Held>,
+    /// Per connection with acknowledgements held: (connection uid, how many, paused by us).
+    /// A connection with `max_held` held is not read until half of them are released, so a
+    /// publisher that never waits for its PUBACKs cannot grow `held` without bound while the
+    /// disk is slower than it (3.1.1 has no receive maximum to stop it).
+    per_conn: std::collections::HashMap<usize, (u64, u32, bool)>,
+    max_held: u32,
+    /// Acknowledgements ready to go, reused from turn to turn.
+    ready: Vec<(Held, bool)>,
     next_stamp: u64,
 }
 
 impl WorkerStore {
-    pub fn new(shared: Arc<StoreShared>, tx: Sender<Batch>) -> WorkerStore {
+    pub fn new(shared: Arc<StoreShared>, tx: Sender<Batch>, max_inflight: u16) -> WorkerStore {
         let n = shared.workers;
         WorkerStore {
             shared,
@@ -52,6 +60,9 @@ impl WorkerStore {
             reported: vec![0; n],
             touched: Vec::new(),
             held: VecDeque::new(),
+            per_conn: Default::default(),
+            max_held: 2 * max_inflight.max(1) as u32,
+            ready: Vec::new(),
             next_stamp: 0,
         }
     }
@@ -207,6 +218,17 @@ impl Worker {
         let Some(p) = self.persist.as_deref_mut() else { return };
         let targets = peers.iter().fold(1u64 << self.id, |m, &w| m | 1 << w);
         p.held.push_back(Held { seq: stamp & ((1 << SEQ_BITS) - 1), targets, conn: k, uid, ack });
+        let entry = p.per_conn.entry(k.0).or_insert((uid, 0, false));
+        if entry.0 != uid {
+            // The slot was reused: the old connection's count goes with it.
+            *entry = (uid, 0, false);
+        }
+        entry.1 += 1;
+        if entry.1 >= p.max_held && !entry.2 {
+            entry.2 = true;
+            log::debug!("not reading {}: {} acknowledgements wait for the disk", self.conns[k].peer(), entry.1);
+            self.pause(k, uid);
+        }
     }
 
     /// Sends the acknowledgements whose messages are now on disk (or, if the store failed,
@@ -217,7 +239,7 @@ impl Worker {
             return;
         }
         let failed = p.shared.failed.load(Ordering::Relaxed);
-        let mut ready = Vec::new();
+        let mut ready = std::mem::take(&mut p.ready);
         while let Some(h) = p.held.front() {
             let mut left = h.targets;
             let mut done = true;
@@ -235,7 +257,20 @@ impl Worker {
             let Some(h) = p.held.pop_front() else { break };
             ready.push((h, done));
         }
-        for (h, done) in ready {
+        let mut resume = Vec::new();
+        for (h, _) in &ready {
+            if let Some(e) = p.per_conn.get_mut(&h.conn.0).filter(|e| e.0 == h.uid) {
+                e.1 -= 1;
+                if e.2 && e.1 <= p.max_held / 2 {
+                    e.2 = false;
+                    resume.push((h.conn, h.uid));
+                }
+                if e.1 == 0 {
+                    p.per_conn.remove(&h.conn.0);
+                }
+            }
+        }
+        for (h, done) in ready.drain(..) {
             if !self.conns.alive(h.conn, h.uid) {
                 continue;
             }
@@ -244,6 +279,12 @@ impl Worker {
             } else {
                 self.refuse_unstored(h.conn, h.ack);
             }
+        }
+        for (k, uid) in resume {
+            self.resume(k, uid);
+        }
+        if let Some(p) = self.persist.as_deref_mut() {
+            p.ready = ready;
         }
     }
 
