@@ -197,6 +197,7 @@ impl Broker {
                 next_sid: AtomicU64::new(max_sid + 1),
                 commits: AtomicU64::new(0),
                 ops: AtomicU64::new(0),
+                backlog: AtomicUsize::new(0),
             });
             recovery = Some(Arc::new(crate::worker::RecoveryPlan::new(
                 recovered,

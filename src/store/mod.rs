@@ -34,6 +34,10 @@ const ENTRIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("entrie
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Changes sent to the store thread and not yet committed past which, in periodic mode, QoS 1/2
+/// acknowledgements wait for the commit (so their publishers slow to the disk's pace).
+pub const BACKLOG_MAX: usize = 64 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Off,
@@ -102,6 +106,8 @@ pub struct StoreShared {
     /// Commits, and changes they carried (logged at exit: how many changes share a sync).
     pub commits: AtomicU64,
     pub ops: AtomicU64,
+    /// Changes sent by workers and not yet committed.
+    pub backlog: std::sync::atomic::AtomicUsize,
 }
 
 impl StoreShared {
@@ -237,6 +243,8 @@ impl Store {
             last_commit = Instant::now();
             if !pending.is_empty() || closed {
                 if shared.failed.load(Ordering::Relaxed) {
+                    let ops: usize = pending.iter().map(|b| b.ops.len()).sum();
+                    shared.backlog.fetch_sub(ops, Ordering::Relaxed);
                     pending.clear();
                 } else {
                     let ops: usize = pending.iter().map(|b| b.ops.len()).sum();
@@ -244,16 +252,18 @@ impl Store {
                     match self.commit(&mut pending, &mut marks, shared.workers) {
                         Ok(()) => {
                             shared.commits.fetch_add(1, Ordering::Relaxed);
+                            shared.backlog.fetch_sub(ops, Ordering::Relaxed);
                             for (i, m) in marks.iter().enumerate() {
                                 shared.committed[i].store(*m, Ordering::Release);
                             }
-                            if shared.mode == Mode::Durable {
-                                for w in 0..shared.workers {
-                                    wake(w);
-                                }
+                            // Held acknowledgements may be due (in periodic mode only past
+                            // BACKLOG_MAX, once per interval).
+                            for w in 0..shared.workers {
+                                wake(w);
                             }
                         }
                         Err(e) => {
+                            shared.backlog.fetch_sub(ops, Ordering::Relaxed);
                             log::error!(
                                 "persistence: writing {} failed: {e}; nothing more is written{}",
                                 self.path.display(),

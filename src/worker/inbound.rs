@@ -191,7 +191,7 @@ impl Worker {
             let what = || format!("memory_limit reached: shedding QoS 0 messages (to {topic})");
             self.over_budget(super::limits::Limit::MemoryQos0, what);
         } else if fresh {
-            if p.qos != QoS::AtMostOnce && self.durable() {
+            if p.qos != QoS::AtMostOnce && self.ack_after_commit() {
                 stamp = self.next_stamp();
             }
             let m = View {
@@ -222,7 +222,7 @@ impl Worker {
             _ => return,
         };
         if stamp != 0 {
-            // Durable: acknowledged once every worker it went to has it on disk.
+            // Acknowledged once every worker it went to has it on disk.
             let peers = std::mem::take(&mut self.scratch.peers);
             self.hold_ack(stamp, &peers, k, ack);
             self.scratch.peers = peers;

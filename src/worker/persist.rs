@@ -132,8 +132,13 @@ impl RecoveryPlan {
 }
 
 impl Worker {
-    pub(super) fn durable(&self) -> bool {
-        self.persist.as_ref().is_some_and(|p| p.shared.mode == Mode::Durable)
+    /// Whether a QoS 1/2 PUBLISH read now is acknowledged only once it is on disk: always in
+    /// durable mode; in periodic mode while the store is more than `BACKLOG_MAX` changes behind,
+    /// so a publisher faster than the disk is paced instead of growing the store's queue.
+    pub(super) fn ack_after_commit(&self) -> bool {
+        self.persist.as_ref().is_some_and(|p| {
+            p.shared.mode == Mode::Durable || p.shared.backlog.load(Ordering::Relaxed) > crate::store::BACKLOG_MAX
+        })
     }
 
     /// Durable mode, and the store can no longer write: QoS 1/2 publishes are refused.
@@ -346,6 +351,7 @@ impl Worker {
         if p.ops.is_empty() && routed.is_empty() {
             return;
         }
+        p.shared.backlog.fetch_add(p.ops.len(), Ordering::Relaxed);
         let batch = Batch { worker: self.id as u16, ops: std::mem::take(&mut p.ops), routed };
         if p.tx.send(batch).is_err() {
             p.shared.failed.store(true, Ordering::Relaxed);
