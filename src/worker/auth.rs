@@ -154,11 +154,17 @@ impl Worker {
             let why = "the SCRAM user name differs from the CONNECT's";
             return self.refuse(k, v3, ReasonCode::NOT_AUTHORIZED, why);
         }
+        self.challenge(k, first, Some(connect));
+    }
+
+    /// Answers a client-first message with the server-first one (AUTH 0x18) and waits for the
+    /// client's proof, with the CONNECT (or None for a re-authentication).
+    fn challenge(&mut self, k: ConnKey, first: scram::ClientFirst, connect: Option<Box<Connect>>) {
         let entry = self.shared.auth.scram_entry(&first.user);
         let (exchange, server_first) = scram::Exchange::start(first, entry, &scram::server_nonce());
         self.send(k, &auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, server_first));
         let uid = self.conns[k].uid;
-        self.auth.scram.insert(k.0, ScramWait { uid, connect: Some(connect), exchange });
+        self.auth.scram.insert(k.0, ScramWait { uid, connect, exchange });
     }
 
     /// An AUTH packet: the client's final SCRAM message (for its CONNECT or a
@@ -229,11 +235,7 @@ impl Worker {
             Ok(_) => return self.disconnect_with(k, ReasonCode::NOT_AUTHORIZED, "re-authentication as another user"),
             Err(e) => return self.disconnect_with(k, ReasonCode::NOT_AUTHORIZED, &e.to_string()),
         };
-        let entry = self.shared.auth.scram_entry(user);
-        let (exchange, server_first) = scram::Exchange::start(first, entry, &scram::server_nonce());
-        self.send(k, &auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, server_first));
-        let uid = self.conns[k].uid;
-        self.auth.scram.insert(k.0, ScramWait { uid, connect: None, exchange });
+        self.challenge(k, first, None);
     }
 
     /// A connection attached after SCRAM: it may re-authenticate as the same user.
