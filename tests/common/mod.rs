@@ -104,6 +104,8 @@ impl Client {
                 Ok(0) => panic!("connection closed by broker"),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
+                // A signal (another test's child exiting) interrupted the read: read again.
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => panic!("read error: {e}"),
             }
         }
