@@ -65,7 +65,9 @@ impl Client {
             seq: 0,
             closed: false,
         };
-        mqtt::connect(&mut c.wbuf, id, args.keepalive, args.v5());
+        let persistent = args.persistent && matches!(c.role, Role::Subscriber { .. });
+        let login = args.username.as_deref().map(|u| (u, args.password.as_deref().unwrap_or("")));
+        mqtt::connect(&mut c.wbuf, id, args.keepalive, args.v5(), persistent, login);
         if let Role::Subscriber { filter, .. } = &c.role {
             let f = filter.clone();
             mqtt::subscribe(&mut c.wbuf, 1, &f, args.qos, args.v5());

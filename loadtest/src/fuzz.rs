@@ -148,7 +148,7 @@ fn fuzz_thread(addr: SocketAddr, seed: u64, end: Instant, totals: Arc<Totals>) {
         out.clear();
         let id = format!("fz{:016x}", rng.next());
         let start = out.len();
-        mqtt::connect(&mut out, &id, rng.below(120) as u16, v5);
+        mqtt::connect(&mut out, &id, rng.below(120) as u16, v5, false, None);
         if rng.chance(50) {
             out[start + 9] &= !0x02; // flags byte: clean session off, a persistent session
         }
@@ -194,7 +194,7 @@ fn healthy_pair(addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<(u64, u64, Du
         let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
         s.set_nodelay(true).ok();
         let mut out = Vec::new();
-        mqtt::connect(&mut out, id, 30, false);
+        mqtt::connect(&mut out, id, 30, false, false, None);
         s.write_all(&out).map_err(|e| e.to_string())?;
         Ok(s)
     };

@@ -130,6 +130,16 @@ pub struct RunArgs {
     /// Pin the load generator to this CPU.
     #[arg(long)]
     pub pin: Option<usize>,
+    /// Subscribers keep persistent sessions (3.1.1 clean session 0, 5.0 session expiry 1 h),
+    /// so a broker with persistence writes what it queues for them.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Username every client sends in CONNECT.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password sent with --username.
+    #[arg(long)]
+    pub password: Option<String>,
     #[arg(long = "mqtt", value_enum, default_value = "3.1.1")]
     pub mqtt: MqttVersion,
     /// The broker's pid: report its CPU time and RSS.

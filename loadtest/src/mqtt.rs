@@ -32,18 +32,42 @@ fn string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-pub fn connect(out: &mut Vec<u8>, client_id: &str, keep_alive: u16, v5: bool) {
-    let body = 10 + v5 as usize + 2 + client_id.len();
+/// CONNECT with clean session / clean start, or with `persistent` a session the broker keeps
+/// (3.1.1 clean session 0; 5.0 clean start 0 and a session expiry of one hour); `login` is a
+/// username and password.
+pub fn connect(
+    out: &mut Vec<u8>,
+    client_id: &str,
+    keep_alive: u16,
+    v5: bool,
+    persistent: bool,
+    login: Option<(&str, &str)>,
+) {
+    let props = if v5 && persistent { 5 } else { 0 };
+    let creds = login.map_or(0, |(u, p)| 4 + u.len() + p.len());
+    let body = 10 + v5 as usize + props + 2 + client_id.len() + creds;
     out.push(0x10);
     varint(out, body);
     string(out, b"MQTT");
     out.push(if v5 { 5 } else { 4 });
-    out.push(0x02); // clean session / clean start
+    let mut flags = if persistent { 0x00 } else { 0x02 };
+    if login.is_some() {
+        flags |= 0xC0;
+    }
+    out.push(flags);
     out.extend_from_slice(&keep_alive.to_be_bytes());
     if v5 {
-        out.push(0); // no properties
+        out.push(props as u8);
+        if persistent {
+            out.push(0x11); // Session Expiry Interval
+            out.extend_from_slice(&3600u32.to_be_bytes());
+        }
     }
     string(out, client_id.as_bytes());
+    if let Some((u, p)) = login {
+        string(out, u.as_bytes());
+        string(out, p.as_bytes());
+    }
 }
 
 pub fn subscribe(out: &mut Vec<u8>, packet_id: u16, filter: &str, qos: u8, v5: bool) {

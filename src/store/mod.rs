@@ -4,8 +4,9 @@
 //! Workers never touch the disk. Each collects what changed during a loop turn into a `Batch`
 //! and sends it (one channel send per turn, not per message) to the store thread, which applies
 //! every batch waiting in one write transaction: in `durable` mode committed at once with an
-//! fsync (group commit: every batch that arrived meanwhile shares it), in `periodic` mode once
-//! every `persistence_interval`.
+//! fsync (group commit: every batch that arrived meanwhile shares it), in `periodic` mode synced
+//! once every `persistence_interval` and, between syncs, applied without fsync whenever half of
+//! `BACKLOG_MAX` changes wait.
 //!
 //! A durable acknowledgement must wait for the queue entries of every session the message went
 //! to, which live on the subscribers' home workers. So each message a worker persists carries a
@@ -16,6 +17,7 @@
 
 pub mod record;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -106,7 +108,7 @@ pub struct StoreShared {
     /// Commits, and changes they carried (logged at exit: how many changes share a sync).
     pub commits: AtomicU64,
     pub ops: AtomicU64,
-    /// Changes sent by workers and not yet committed.
+    /// Changes sent by workers and not yet staged, plus changes staged and not yet committed.
     pub backlog: std::sync::atomic::AtomicUsize,
 }
 
@@ -137,6 +139,9 @@ pub struct Recovered {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    /// Per session in the store, the highest entry number written (entries above it are not on
+    /// disk).
+    synced: HashMap<u64, u64>,
 }
 
 fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
@@ -159,10 +164,13 @@ impl Store {
             Ok(Err(e)) => return Err(err(&path, "cannot open the store (corrupt or truncated?)", e)),
             Err(_) => return Err(err(&path, "cannot open the store", "the file is corrupt")),
         };
-        let store = Store { db, path };
+        let mut store = Store { db, path, synced: HashMap::new() };
         let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.read()))
             .unwrap_or_else(|_| Err("the file is corrupt".into()))
             .map_err(|e| err(&store.path, "cannot read the store", e))?;
+        for rs in &recovered.sessions {
+            store.synced.insert(rs.sid, rs.entries.iter().map(|(seq, _)| *seq).max().unwrap_or(0));
+        }
         Ok((store, Recovered { took: started.elapsed(), ..recovered }))
     }
 
@@ -216,66 +224,96 @@ impl Store {
     }
 
     /// Runs the store thread until every worker's sender is dropped; then commits what is left.
-    pub fn run(self, rx: Receiver<Batch>, shared: Arc<StoreShared>, interval: Duration, wake: impl Fn(usize)) {
+    pub fn run(mut self, rx: Receiver<Batch>, shared: Arc<StoreShared>, interval: Duration, wake: impl Fn(usize)) {
         let mut marks: Vec<u64> = vec![0; shared.workers * shared.workers];
-        let mut last_commit = Instant::now();
-        let mut pending: Vec<Batch> = Vec::new();
+        let mut last_sync = Instant::now();
+        let mut staged = Staged::default();
+        // Changes received since the last commit. The backlog counts what workers sent and the
+        // store has not staged, plus what is staged (`counted`, as last reported).
+        let mut received = 0usize;
+        let mut counted = 0usize;
+        // A batch arrived since the last commit (it may carry only routing marks, which a commit
+        // publishes).
+        let mut arrived = false;
         loop {
             let wait = match shared.mode {
                 Mode::Durable => Duration::from_millis(100),
-                _ => interval.saturating_sub(last_commit.elapsed()).max(Duration::from_millis(1)),
+                _ => interval.saturating_sub(last_sync.elapsed()).max(Duration::from_millis(1)),
+            };
+            let mut take = |b: Batch, staged: &mut Staged| {
+                received += b.ops.len();
+                arrived = true;
+                shared.backlog.fetch_sub(b.ops.len(), Ordering::Relaxed);
+                for &(origin, seq) in &b.routed {
+                    let i = b.worker as usize * shared.workers + origin as usize;
+                    marks[i] = marks[i].max(seq);
+                }
+                staged.add(b.ops, &self.synced);
             };
             let closed = match rx.recv_timeout(wait) {
                 Ok(b) => {
-                    pending.push(b);
+                    take(b, &mut staged);
                     false
                 }
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => true,
             };
             while let Ok(b) = rx.try_recv() {
-                pending.push(b);
+                take(b, &mut staged);
             }
-            let due = closed || shared.mode == Mode::Durable || last_commit.elapsed() >= interval;
-            if !due {
+            let now_staged = staged.len();
+            if now_staged > counted {
+                shared.backlog.fetch_add(now_staged - counted, Ordering::Relaxed);
+            } else {
+                shared.backlog.fetch_sub(counted - now_staged, Ordering::Relaxed);
+            }
+            counted = now_staged;
+            // Periodic mode syncs once per interval; between syncs, once half of BACKLOG_MAX
+            // changes are staged, they are applied in a commit without fsync (lost on a crash, as
+            // the interval's changes are anyway), so the stage stays small and acknowledgements
+            // are not held while the disk keeps up.
+            let sync = closed || shared.mode == Mode::Durable || last_sync.elapsed() >= interval;
+            if !sync && staged.len() <= BACKLOG_MAX / 2 {
                 continue;
             }
-            last_commit = Instant::now();
-            if !pending.is_empty() || closed {
+            if sync {
+                last_sync = Instant::now();
+            }
+            if arrived || closed {
+                arrived = false;
                 if shared.failed.load(Ordering::Relaxed) {
-                    let ops: usize = pending.iter().map(|b| b.ops.len()).sum();
-                    shared.backlog.fetch_sub(ops, Ordering::Relaxed);
-                    pending.clear();
+                    staged = Staged::default();
                 } else {
-                    let ops: usize = pending.iter().map(|b| b.ops.len()).sum();
-                    shared.ops.fetch_add(ops as u64, Ordering::Relaxed);
-                    match self.commit(&mut pending, &mut marks, shared.workers) {
+                    shared.ops.fetch_add(received as u64, Ordering::Relaxed);
+                    let durability = if sync { Durability::Immediate } else { Durability::None };
+                    match self.commit(&mut staged, durability) {
                         Ok(()) => {
                             shared.commits.fetch_add(1, Ordering::Relaxed);
-                            shared.backlog.fetch_sub(ops, Ordering::Relaxed);
                             for (i, m) in marks.iter().enumerate() {
                                 shared.committed[i].store(*m, Ordering::Release);
                             }
-                            // Held acknowledgements may be due (in periodic mode only past
-                            // BACKLOG_MAX, once per interval).
+                            // Held acknowledgements may be due (in periodic mode only those
+                            // held past BACKLOG_MAX).
                             for w in 0..shared.workers {
                                 wake(w);
                             }
                         }
                         Err(e) => {
-                            shared.backlog.fetch_sub(ops, Ordering::Relaxed);
                             log::error!(
                                 "persistence: writing {} failed: {e}; nothing more is written{}",
                                 self.path.display(),
                                 if shared.mode == Mode::Durable { " and QoS 1/2 publishes are refused" } else { "" }
                             );
                             shared.failed.store(true, Ordering::SeqCst);
+                            staged = Staged::default();
                             for w in 0..shared.workers {
                                 wake(w);
                             }
                         }
                     }
                 }
+                received = 0;
+                shared.backlog.fetch_sub(std::mem::take(&mut counted), Ordering::Relaxed);
             }
             if closed {
                 log::info!(
@@ -288,10 +326,11 @@ impl Store {
         }
     }
 
+    /// Writes what is staged in one transaction and empties the stage.
     #[allow(clippy::result_large_err)]
-    fn commit(&self, batches: &mut Vec<Batch>, marks: &mut [u64], workers: usize) -> Result<(), redb::Error> {
+    fn commit(&mut self, staged: &mut Staged, durability: Durability) -> Result<(), redb::Error> {
         let mut w = self.db.begin_write()?;
-        w.set_durability(Durability::Immediate);
+        w.set_durability(durability);
         let now = Instant::now();
         let wall_now = record::wall_ms();
         let mut buf = BytesMut::new();
@@ -299,45 +338,100 @@ impl Store {
             let mut sessions = w.open_table(SESSIONS)?;
             let mut entries = w.open_table(ENTRIES)?;
             let mut retained = w.open_table(RETAINED)?;
-            for b in batches.iter() {
-                for op in &b.ops {
-                    match op {
-                        Op::Session { sid, record } => {
-                            sessions.insert(*sid, &record[..])?;
-                        }
-                        Op::SessionEnd { sid } => {
-                            sessions.remove(*sid)?;
-                            entries.retain_in((*sid, 0)..=(*sid, u64::MAX), |_, _| false)?;
-                        }
-                        Op::Entry { sid, seq, entry } => {
-                            buf.clear();
-                            record::put_entry(&mut buf, entry, now, wall_now);
-                            entries.insert((*sid, *seq), &buf[..])?;
-                        }
-                        Op::EntryDel { sid, seq } => {
-                            entries.remove((*sid, *seq))?;
-                        }
-                        Op::Retain { topic, msg: Some(m) } => {
-                            buf.clear();
-                            record::put_message(&mut buf, m, now, wall_now);
-                            retained.insert(topic.as_str(), &buf[..])?;
-                        }
-                        Op::Retain { topic, msg: None } => {
-                            retained.remove(topic.as_str())?;
-                        }
+            for (sid, record) in staged.sessions.drain() {
+                match record {
+                    Some(record) => {
+                        sessions.insert(sid, &record[..])?;
+                        self.synced.entry(sid).or_insert(0);
+                    }
+                    None => {
+                        sessions.remove(sid)?;
+                        entries.retain_in((sid, 0)..=(sid, u64::MAX), |_, _| false)?;
+                        self.synced.remove(&sid);
                     }
                 }
-                for &(origin, seq) in &b.routed {
-                    let i = b.worker as usize * workers + origin as usize;
-                    marks[i] = marks[i].max(seq);
+            }
+            for ((sid, seq), entry) in std::mem::take(&mut staged.entries) {
+                match entry {
+                    Some(entry) => {
+                        buf.clear();
+                        record::put_entry(&mut buf, &entry, now, wall_now);
+                        entries.insert((sid, seq), &buf[..])?;
+                        let top = self.synced.entry(sid).or_insert(0);
+                        *top = (*top).max(seq);
+                    }
+                    None => {
+                        entries.remove((sid, seq))?;
+                    }
+                }
+            }
+            for (topic, msg) in staged.retained.drain() {
+                match msg {
+                    Some(m) => {
+                        buf.clear();
+                        record::put_message(&mut buf, &m, now, wall_now);
+                        retained.insert(topic.as_str(), &buf[..])?;
+                    }
+                    None => {
+                        retained.remove(topic.as_str())?;
+                    }
                 }
             }
             let mut meta = w.open_table(META)?;
             meta.insert("last_alive", wall_now)?;
         }
-        batches.clear();
         w.commit()?;
         Ok(())
+    }
+}
+
+/// Changes received and not yet committed, with only the last state of each key: a message
+/// queued and completed before the next commit (the common case for a connected subscriber)
+/// costs the disk nothing, and a session that ended takes its staged entries with it.
+#[derive(Default)]
+struct Staged {
+    /// Session records (None: the session ended).
+    sessions: HashMap<u64, Option<Bytes>>,
+    /// Queue entries by (session, entry number) (None: delete it from the disk).
+    entries: BTreeMap<(u64, u64), Option<EntryRecord>>,
+    retained: HashMap<MqttStr, Option<Arc<Message>>>,
+}
+
+impl Staged {
+    fn len(&self) -> usize {
+        self.sessions.len() + self.entries.len() + self.retained.len()
+    }
+
+    /// `synced`: per session, the highest entry number that may be on disk; a deleted entry
+    /// above it was never written, so it just leaves the stage.
+    fn add(&mut self, ops: Vec<Op>, synced: &HashMap<u64, u64>) {
+        for op in ops {
+            match op {
+                Op::Session { sid, record } => {
+                    self.sessions.insert(sid, Some(record));
+                }
+                Op::SessionEnd { sid } => {
+                    self.sessions.insert(sid, None);
+                    let gone: Vec<_> = self.entries.range((sid, 0)..=(sid, u64::MAX)).map(|(k, _)| *k).collect();
+                    for k in gone {
+                        self.entries.remove(&k);
+                    }
+                }
+                Op::Entry { sid, seq, entry } => {
+                    self.entries.insert((sid, seq), Some(entry));
+                }
+                Op::EntryDel { sid, seq } => {
+                    if seq > synced.get(&sid).copied().unwrap_or(0) {
+                        self.entries.remove(&(sid, seq));
+                    } else {
+                        self.entries.insert((sid, seq), None);
+                    }
+                }
+                Op::Retain { topic, msg } => {
+                    self.retained.insert(topic, msg);
+                }
+            }
+        }
     }
 }
 
