@@ -37,6 +37,11 @@ pub struct WorkerStats {
     pub interest_filters: AtomicU64,
     /// Refusals by byte budget (see `worker::limits`).
     pub limits: [AtomicU64; crate::worker::LIMITS],
+    /// Messages not delivered by cause (`metrics::Drop`), PUBLISH received by QoS.
+    pub drops: [AtomicU64; crate::metrics::DROPS],
+    pub received_qos: [AtomicU64; 3],
+    /// Mail waiting in this worker's rings and overflow, last tick.
+    pub mail_waiting: AtomicU64,
 }
 
 pub struct Shared {
@@ -49,6 +54,8 @@ pub struct Shared {
     /// Whether each worker sleeps (and must be woken for mail).
     pub parking: Vec<crate::ring::Parking>,
     pub stats: Vec<WorkerStats>,
+    /// Each worker's delivery latency (see `metrics::latency`).
+    pub latency: Vec<crate::metrics::latency::LatencySlot>,
     /// Decides each client id's home worker; the same keys on every worker.
     pub hasher: ahash::RandomState,
     pub started: Instant,
@@ -130,7 +137,8 @@ impl Broker {
     pub fn start(config: Config) -> io::Result<Broker> {
         config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let n = config.worker_count();
-        let specs = config.listeners();
+        let (http_specs, specs): (Vec<_>, Vec<_>) =
+            config.listeners().into_iter().partition(|l| l.protocol == crate::config::Protocol::Http);
         let tls =
             crate::transport::TlsConfigs::load(&specs).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let auth =
@@ -149,6 +157,13 @@ impl Broker {
                 l.push(listener(addr)?);
             }
             addrs.push(addr);
+        }
+        let mut http_listeners = Vec::new();
+        for spec in &http_specs {
+            let wanted = SocketAddr::new(spec.bind.unwrap_or(config.bind), spec.port);
+            let l = std::net::TcpListener::bind(wanted)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {wanted} (http): {e}")))?;
+            http_listeners.push(l);
         }
         let mut polls = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
@@ -217,6 +232,7 @@ impl Broker {
             wakers,
             parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
+            latency: (0..n).map(|_| Default::default()).collect(),
             hasher,
             started: Instant::now(),
             clients_maximum: AtomicU64::new(0),
@@ -284,6 +300,12 @@ impl Broker {
         for (i, (spec, addr)) in shared.listeners.iter().zip(&addrs).enumerate().skip(1) {
             log::info!("listener {i} on {addr} ({})", spec.scheme());
         }
+        for l in http_listeners {
+            let addr = l.local_addr()?;
+            log::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
+            addrs.push(addr);
+            threads.push(crate::metrics::http::start(l, shared.clone())?);
+        }
         Ok(Broker { addrs, shared, threads, store_thread })
     }
 
@@ -292,7 +314,8 @@ impl Broker {
         self.addrs[0]
     }
 
-    /// Every listener's address, the plain one first, then `[[listener]]` in order.
+    /// Every listener's address, the plain one first, then the MQTT `[[listener]]`s in order,
+    /// then the HTTP ones.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }

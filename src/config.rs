@@ -101,6 +101,8 @@ pub enum Protocol {
     #[default]
     Mqtt,
     Websockets,
+    /// `GET /metrics` (Prometheus) and `GET /` (the status page); no MQTT.
+    Http,
 }
 
 /// One `[[listener]]`, with mosquitto's key names. With `certfile` and `keyfile` it is TLS.
@@ -155,12 +157,16 @@ impl ListenerConfig {
             (Protocol::Mqtt, true) => "mqtts",
             (Protocol::Websockets, false) => "ws",
             (Protocol::Websockets, true) => "wss",
+            (Protocol::Http, _) => "http",
         }
     }
 
     fn validate(&self, i: usize) -> Result<(), ConfigError> {
         let bad =
             |why: String| Err(ConfigError::Invalid { key: "listener", why: format!("listener {}: {why}", i + 1) });
+        if self.protocol == Protocol::Http && (self.is_tls() || self.cafile.is_some() || self.require_certificate) {
+            return bad("`protocol = \"http\"` (metrics and status page) is plain HTTP: no TLS keys".into());
+        }
         if self.certfile.is_some() != self.keyfile.is_some() {
             return bad("`certfile` and `keyfile` go together".into());
         }

@@ -36,6 +36,7 @@ pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod metrics;
 pub mod ring;
 pub mod router;
 pub mod session;

@@ -19,7 +19,7 @@ use slab::Slab;
 use crate::codec::{MqttStr, PacketId, Properties, ProtocolVersion, QoS, SubscriptionOptions, Will};
 
 /// A message on its way to subscribers: shared by every queue it sits in, across workers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Message {
     pub topic: MqttStr,
     pub payload: Bytes,
@@ -36,6 +36,9 @@ pub struct Message {
     /// Durable persistence: (origin worker << 48) | sequence, so each worker can report how far
     /// it has routed (see `store`); 0 when not persisted.
     pub stamp: u64,
+    /// The loop turn that read the PUBLISH, for delivery latency; None for messages that are
+    /// not a live delivery (the broker's own, retained replays, recovered from the store).
+    pub read_at: Option<Instant>,
 }
 
 impl Message {
@@ -51,6 +54,7 @@ impl Message {
             publisher: None,
             expires_at: None,
             stamp: 0,
+            read_at: None,
         }
     }
 
@@ -69,6 +73,7 @@ impl Message {
             publisher: None,
             expires_at,
             stamp: 0,
+            read_at: None,
         }
     }
 

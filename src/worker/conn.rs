@@ -220,11 +220,18 @@ pub struct ConnOutlet<'a> {
     pub now: std::time::Instant,
     /// PUBLISH packets written (for `$SYS/broker/messages/sent`).
     pub sent: u64,
+    pub latency: &'a mut crate::metrics::latency::Latency,
 }
 
 impl<'a> ConnOutlet<'a> {
-    pub fn new(conn: &'a mut Conn, version: ProtocolVersion, max_output: usize, now: std::time::Instant) -> Self {
-        ConnOutlet { conn, version, max_output, now, sent: 0 }
+    pub fn new(
+        conn: &'a mut Conn,
+        version: ProtocolVersion,
+        max_output: usize,
+        now: std::time::Instant,
+        latency: &'a mut crate::metrics::latency::Latency,
+    ) -> Self {
+        ConnOutlet { conn, version, max_output, now, sent: 0, latency }
     }
 }
 
@@ -236,6 +243,9 @@ impl Outlet for ConnOutlet<'_> {
     fn publish(&mut self, id: PacketId, d: &Delivery, dup: bool) -> bool {
         let ok = self.conn.write_delivery(self.version, d, Some(id), dup, self.now);
         self.sent += ok as u64;
+        if ok && !dup {
+            self.latency.note(d.msg.read_at, 1);
+        }
         ok
     }
 

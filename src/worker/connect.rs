@@ -218,7 +218,7 @@ impl Worker {
         let now_connected = self.shared.connections.load(Ordering::Relaxed) as u64;
         self.shared.clients_maximum.fetch_max(now_connected, Ordering::Relaxed);
         if present {
-            let mut out = ConnOutlet::new(&mut self.conns[k], v, usize::MAX, self.clock.now);
+            let mut out = ConnOutlet::new(&mut self.conns[k], v, usize::MAX, self.clock.now, &mut self.latency);
             self.sessions[sk].resend(&mut out);
             self.pump(sk);
         }

@@ -12,6 +12,7 @@ use super::conn::{custom_properties, ConnOutlet};
 use super::mailbox::Mail;
 use super::Worker;
 use crate::codec::{MqttStr, Properties, PublishHeader, QoS};
+use crate::metrics::Drop;
 use crate::router::GroupId;
 use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, QueueBound, SessionKey};
 
@@ -26,6 +27,7 @@ pub struct View<'a> {
     pub publisher: Option<Publisher>,
     pub expires_at: Option<Instant>,
     pub stamp: u64,
+    pub read_at: Option<Instant>,
 }
 
 impl View<'_> {
@@ -40,6 +42,7 @@ impl View<'_> {
             publisher: self.publisher,
             expires_at: self.expires_at,
             stamp: self.stamp,
+            read_at: self.read_at,
         })
     }
 }
@@ -55,6 +58,7 @@ fn view(m: &Message) -> View<'_> {
         publisher: m.publisher,
         expires_at: m.expires_at,
         stamp: m.stamp,
+        read_at: m.read_at,
     }
 }
 
@@ -104,6 +108,7 @@ impl Worker {
     fn deliver(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
         let now = self.clock.now;
         if m.expires_at.is_some_and(|t| t <= now) {
+            self.counters.dropped(Drop::Expired);
             return true;
         }
         let groups_matched = self.deliver_shared(m, shared);
@@ -150,6 +155,7 @@ impl Worker {
             }
             let sk = SessionKey(sk as usize);
             if !whole && self.sessions[sk].access.is_some() && !self.may(sk, m.topic, crate::auth::acl::Access::Read) {
+                self.counters.dropped(Drop::Acl);
                 continue;
             }
             let qos = m.qos.min(o.qos);
@@ -169,7 +175,7 @@ impl Worker {
             }
             let c = &mut self.conns[ck];
             if c.wbuf.len() >= max_out {
-                self.counters.publish_dropped += 1;
+                self.counters.dropped(Drop::OutputBound);
                 continue;
             }
             let v5 = s.version.is_v5();
@@ -185,6 +191,7 @@ impl Worker {
             if retain || custom.is_some() || c.out_aliases.is_some() {
                 if c.write_publish(s.version, &header, m.payload) {
                     self.counters.messages_sent += 1;
+                    self.latency.note(m.read_at, 1);
                 }
             } else {
                 let (start, end) = *cached[v5 as usize].get_or_insert_with(|| {
@@ -198,6 +205,7 @@ impl Worker {
                 }
                 c.wbuf.extend_from_slice(&enc[start..end]);
                 self.counters.messages_sent += 1;
+                self.latency.note(m.read_at, 1);
             }
             self.mark_dirty(ck);
         }
@@ -270,7 +278,7 @@ impl Worker {
     fn behind_backlog(&mut self, sk: SessionKey, d: Delivery) {
         let bound = QueueBound::messages(self.shared.config.max_queued_messages);
         if self.sessions[sk].append_live(d, bound) == Offer::Dropped {
-            self.counters.publish_dropped += 1;
+            self.counters.dropped(Drop::QueueBound);
         }
     }
 
@@ -287,11 +295,12 @@ impl Worker {
         let v = s.version;
         let c = &mut self.conns[ck];
         if c.wbuf.len() >= self.shared.config.max_output_bytes {
-            self.counters.publish_dropped += 1;
+            self.counters.dropped(Drop::OutputBound);
             return;
         }
         if c.write_delivery(v, &d, None, false, self.clock.now) {
             self.counters.messages_sent += 1;
+            self.latency.note(d.msg.read_at, 1);
         }
         self.mark_dirty(ck);
     }
@@ -309,7 +318,7 @@ impl Worker {
         if self.budget.over_memory && self.sessions[sk].conn.is_none() {
             // Past `memory_limit` no offline queue grows: the many sessions nobody reads are
             // where a broker's memory goes.
-            self.counters.publish_dropped += 1;
+            self.counters.dropped(Drop::Memory);
             let client = self.sessions[sk].client_id.clone();
             let what = || format!("memory_limit reached: not queueing for offline client {client}");
             return self.over_budget(super::limits::Limit::MemoryQueued, what);
@@ -321,7 +330,8 @@ impl Worker {
         let offer = match s.conn {
             Some(ck) => {
                 let max_output = self.shared.config.max_output_bytes;
-                let mut out = ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now);
+                let mut out =
+                    ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now, &mut self.latency);
                 let offer = s.offer(d, self.clock.now, max_queued, Some(&mut out));
                 if offer == Offer::Sent {
                     self.counters.messages_sent += out.sent;
@@ -333,9 +343,9 @@ impl Worker {
         };
         self.touch(sk);
         match offer {
-            Offer::Dropped => self.counters.publish_dropped += 1,
+            Offer::Dropped => self.counters.dropped(Drop::QueueBound),
             Offer::DroppedBytes => {
-                self.counters.publish_dropped += 1;
+                self.counters.dropped(Drop::QueueBytes);
                 let client = self.sessions[sk].client_id.clone();
                 let what = || format!("max_queued_bytes reached: dropping a message for client {client}");
                 self.over_budget(super::limits::Limit::QueuedBytes, what);
@@ -345,6 +355,7 @@ impl Worker {
                     self.pace(sk, p);
                 }
             }
+            Offer::Discarded => self.counters.dropped(Drop::Expired),
             _ => {}
         }
     }
@@ -354,7 +365,7 @@ impl Worker {
         let Some(s) = self.sessions.get_mut(sk) else { return };
         let Some(ck) = s.conn else { return };
         let max_output = self.shared.config.max_output_bytes;
-        let mut out = ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now);
+        let mut out = ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now, &mut self.latency);
         s.pump(self.clock.now, &mut out);
         let wrote = !out.conn.wbuf.is_empty();
         self.counters.messages_sent += out.sent;

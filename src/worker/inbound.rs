@@ -148,6 +148,7 @@ impl Worker {
             None => p.properties.as_deref(),
         };
         self.counters.messages_received += 1;
+        self.counters.received_qos[p.qos as usize] += 1;
         if p.qos != QoS::AtMostOnce && self.store_failed() {
             let ack = match (p.qos, p.packet_id) {
                 (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(Ack::new(id)),
@@ -184,10 +185,11 @@ impl Worker {
             // No write access: not delivered (5.0: the acknowledgement says 0x87; 3.1.1 has no
             // way to say it, so it is acknowledged and dropped, as mosquitto does).
             log::debug!("client {}: no write access to {topic}", self.sessions[sk].client_id);
+            self.counters.dropped(crate::metrics::Drop::Acl);
             denied = true;
         } else if p.qos == QoS::AtMostOnce && self.budget.over_memory {
             // Past `memory_limit` QoS 0 is shed first: nothing was promised for it.
-            self.counters.publish_dropped += 1;
+            self.counters.dropped(crate::metrics::Drop::Memory);
             let what = || format!("memory_limit reached: shedding QoS 0 messages (to {topic})");
             self.over_budget(super::limits::Limit::MemoryQos0, what);
         } else if fresh {
@@ -206,6 +208,7 @@ impl Worker {
                     .and_then(|p| p.message_expiry_interval)
                     .map(|s| self.clock.now + Duration::from_secs(s as u64)),
                 stamp,
+                read_at: Some(self.clock.now),
             };
             matched = self.route_view(&m, None);
         }
@@ -413,7 +416,14 @@ impl Worker {
                         let qos = msg.qos.min(subscription.options.qos);
                         let ids = if subscription.identifier != 0 { vec![subscription.identifier] } else { vec![] };
                         // [MQTT-3.3.1-8]: retained messages for a new subscription go out with retain set.
-                        let d = Delivery { msg: msg.clone(), qos, retain: true, sub_ids: ids, group: None, seq: 0 };
+                        // Not a live delivery: left out of the delivery latency.
+                        let msg = match msg.read_at {
+                            Some(_) => {
+                                std::sync::Arc::new(crate::session::Message { read_at: None, ..(**msg).clone() })
+                            }
+                            None => msg.clone(),
+                        };
+                        let d = Delivery { msg, qos, retain: true, sub_ids: ids, group: None, seq: 0 };
                         items.push_back((d, false));
                     });
                 }

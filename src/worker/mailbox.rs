@@ -257,6 +257,12 @@ impl Mailbox {
         }
     }
 
+    /// Mail in this worker's incoming rings, plus its own overflow waiting for full peer rings.
+    pub fn waiting(&self) -> usize {
+        self.inbox.iter().flatten().map(|c| c.len()).sum::<usize>()
+            + self.overflow.iter().map(|o| o.len()).sum::<usize>()
+    }
+
     pub fn inbox_empty(&self) -> bool {
         self.inbox.iter().flatten().all(|c| c.is_empty())
     }

@@ -42,7 +42,7 @@ use crate::ring::{Consumer, Producer};
 use crate::router::Router;
 use crate::session::{SessionKey, Sessions, Subscription};
 use conn::{CloseKind, Conn, ConnKey, Conns, Transport};
-pub use limits::LIMITS;
+pub use limits::{Limit, LIMITS};
 pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
 pub use persist::RecoveryPlan;
@@ -145,9 +145,25 @@ pub struct Counters {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub publish_dropped: u64,
+    /// Messages not delivered, by cause (`metrics::Drop`).
+    pub drops: [u64; crate::metrics::DROPS],
+    /// PUBLISH packets received by QoS.
+    pub received_qos: [u64; 3],
     /// Refusals by byte budget, indexed by `limits::Limit`.
     pub limits: [u64; limits::LIMITS],
     generated_ids: u64,
+}
+
+impl Counters {
+    /// A message not delivered: counted by cause, and in `$SYS/broker/publish/messages/dropped`
+    /// when a bound or the memory limit dropped it (as mosquitto counts).
+    #[inline]
+    pub fn dropped(&mut self, cause: crate::metrics::Drop) {
+        self.drops[cause as usize] += 1;
+        if cause.is_bound() {
+            self.publish_dropped += 1;
+        }
+    }
 }
 
 pub struct Worker {
@@ -167,6 +183,7 @@ pub struct Worker {
     turn: Turn,
     scratch: Scratch,
     counters: Counters,
+    latency: crate::metrics::latency::Latency,
     sys: stats::SysState,
     budget: limits::Budget,
     auth: auth::AuthState,
@@ -214,6 +231,7 @@ impl Worker {
             turn: Turn::default(),
             scratch: Scratch { read_buf: BytesMut::with_capacity(READ_CHUNK), ..Scratch::default() },
             counters: Counters::default(),
+            latency: Default::default(),
             sys: stats::SysState::new(),
             budget: limits::Budget::default(),
             auth: auth::AuthState::default(),
@@ -283,6 +301,9 @@ impl Worker {
         self.flush_store();
         self.release_acks();
         self.flush_dirty();
+        if !self.latency.turn_is_empty() {
+            self.latency.end_turn(Instant::now());
+        }
         self.reap();
         self.mailbox.send_credits();
         self.mailbox.send_overflow();

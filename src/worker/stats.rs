@@ -38,6 +38,7 @@ impl Worker {
     }
 
     pub(super) fn publish_stats(&mut self) {
+        self.latency.publish(&self.shared.latency[self.id]);
         let s = &self.shared.stats[self.id];
         let c = &self.counters;
         s.messages_received.store(c.messages_received, Ordering::Relaxed);
@@ -56,6 +57,13 @@ impl Worker {
         for (to, &n) in s.limits.iter().zip(&c.limits) {
             to.store(n, Ordering::Relaxed);
         }
+        for (to, &n) in s.drops.iter().zip(&c.drops) {
+            to.store(n, Ordering::Relaxed);
+        }
+        for (to, &n) in s.received_qos.iter().zip(&c.received_qos) {
+            to.store(n, Ordering::Relaxed);
+        }
+        s.mail_waiting.store(self.mailbox.waiting() as u64, Ordering::Relaxed);
     }
 
     /// Publishes the `$SYS/broker/...` topics (retained), with mosquitto's names.
@@ -102,6 +110,13 @@ impl Worker {
             self.shared.subscription_bytes.load(Ordering::Relaxed).to_string(),
         ));
         values.push(("$SYS/broker/limits/retained_bytes/held".into(), self.router.retained.bytes().to_string()));
+        // Delivery latency over the interval since the last update, microseconds.
+        let h = crate::metrics::latency::take_window(&self.shared.latency);
+        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+            values.push((format!("$SYS/broker/latency/{name}"), h.value_at_quantile(q).to_string()));
+        }
+        values.push(("$SYS/broker/latency/max".into(), h.max().to_string()));
+        values.push(("$SYS/broker/latency/count".into(), h.len().to_string()));
         for limit in super::limits::Limit::ALL {
             let n: u64 = self.shared.stats.iter().map(|s| s.limits[limit as usize].load(Ordering::Relaxed)).sum();
             values.push((format!("$SYS/broker/limits/{}", limit.name()), n.to_string()));

@@ -1,0 +1,100 @@
+//! `GET /metrics`: every worker's published counters, summed, in the Prometheus text exposition
+//! format 0.0.4.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::broker::{Shared, WorkerStats};
+
+/// Upper bounds of the delivery latency histogram's buckets, seconds.
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+struct Out(String);
+
+impl Out {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, v: impl std::fmt::Display) {
+        self.head(name, kind, help);
+        let _ = writeln!(self.0, "{name} {v}");
+    }
+}
+
+pub fn render(shared: &Shared) -> String {
+    let stats = &shared.stats;
+    let sum = |f: fn(&WorkerStats) -> &AtomicU64| -> u64 { stats.iter().map(|s| f(s).load(Ordering::Relaxed)).sum() };
+    let mut o = Out(String::with_capacity(8192));
+    o.head("tern_info", "gauge", "The broker's version.");
+    let _ = writeln!(o.0, "tern_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    o.one("tern_uptime_seconds", "gauge", "Seconds since start.", shared.started.elapsed().as_secs_f64());
+    o.one("tern_workers", "gauge", "Event loops.", shared.workers);
+    o.one("tern_connections", "gauge", "Open client connections.", shared.connections.load(Ordering::Relaxed));
+    o.one("tern_clients_connected", "gauge", "Clients with a session attached.", sum(|s| &s.clients_connected));
+    o.one("tern_sessions", "gauge", "Sessions kept, connected or not.", sum(|s| &s.sessions));
+    o.one("tern_subscriptions", "gauge", "Subscriptions over all sessions.", sum(|s| &s.subscriptions));
+    let retained = stats.first().map_or(0, |s| s.retained.load(Ordering::Relaxed));
+    o.one("tern_retained_messages", "gauge", "Retained topics kept.", retained);
+    o.head("tern_messages_received_total", "counter", "PUBLISH packets received from clients, by QoS.");
+    for q in 0..3 {
+        let n: u64 = stats.iter().map(|s| s.received_qos[q].load(Ordering::Relaxed)).sum();
+        let _ = writeln!(o.0, "tern_messages_received_total{{qos=\"{q}\"}} {n}");
+    }
+    o.one("tern_messages_sent_total", "counter", "PUBLISH packets sent to clients.", sum(|s| &s.messages_sent));
+    o.one("tern_bytes_received_total", "counter", "Bytes read from client sockets.", sum(|s| &s.bytes_received));
+    o.one("tern_bytes_sent_total", "counter", "Bytes written to client sockets.", sum(|s| &s.bytes_sent));
+    o.head("tern_messages_dropped_total", "counter", "Messages not delivered, by cause.");
+    for d in super::Drop::ALL {
+        let n: u64 = stats.iter().map(|s| s.drops[d as usize].load(Ordering::Relaxed)).sum();
+        let _ = writeln!(o.0, "tern_messages_dropped_total{{cause=\"{}\"}} {n}", d.name());
+    }
+    o.head("tern_limit_refusals_total", "counter", "Refusals by byte budget or memory limit.");
+    for l in crate::worker::Limit::ALL {
+        let n: u64 = stats.iter().map(|s| s.limits[l as usize].load(Ordering::Relaxed)).sum();
+        let _ = writeln!(o.0, "tern_limit_refusals_total{{limit=\"{}\"}} {n}", l.name());
+    }
+    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 6] = [
+        ("tern_worker_messages_received_total", "counter", "PUBLISH packets received, per worker.", |s| {
+            &s.messages_received
+        }),
+        ("tern_worker_messages_sent_total", "counter", "PUBLISH packets sent, per worker.", |s| &s.messages_sent),
+        ("tern_worker_clients_connected", "gauge", "Clients connected, per worker.", |s| &s.clients_connected),
+        ("tern_worker_mail_waiting", "gauge", "Mail in a worker's incoming rings and its overflow.", |s| {
+            &s.mail_waiting
+        }),
+        ("tern_worker_ring_pushes_total", "counter", "Mail pushed into peers' rings, per worker.", |s| &s.ring_pushes),
+        ("tern_worker_wakeups_total", "counter", "Wake-ups of sleeping peers, per worker.", |s| &s.wakeups),
+    ];
+    for (name, kind, help, f) in per_worker {
+        o.head(name, kind, help);
+        for (w, s) in stats.iter().enumerate() {
+            let _ = writeln!(o.0, "{name}{{worker=\"{w}\"}} {}", f(s).load(Ordering::Relaxed));
+        }
+    }
+    o.one("tern_resident_memory_bytes", "gauge", "Resident set size.", crate::sys::rss_bytes());
+    o.one("tern_heap_allocated_bytes", "gauge", "Heap bytes allocated.", crate::alloc::allocated());
+    if let Some(st) = &shared.store {
+        o.one("tern_store_commits_total", "counter", "Store commits.", st.commits.load(Ordering::Relaxed));
+        o.one("tern_store_changes_total", "counter", "Changes committed to the store.", st.ops.load(Ordering::Relaxed));
+        o.one("tern_store_backlog", "gauge", "Changes waiting for the store.", st.backlog.load(Ordering::Relaxed));
+        o.one("tern_store_failed", "gauge", "1 once a store write failed.", st.failed.load(Ordering::Relaxed) as u8);
+    }
+    let h = super::latency::total(&shared.latency);
+    o.head(
+        "tern_delivery_latency_seconds",
+        "histogram",
+        "From the loop turn that read a PUBLISH to the loop turn that wrote it to a subscriber's socket.",
+    );
+    for le in LATENCY_BUCKETS {
+        let n = h.count_between(0, (le * 1e6) as u64);
+        let _ = writeln!(o.0, "tern_delivery_latency_seconds_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(o.0, "tern_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {}", h.len());
+    let _ = writeln!(o.0, "tern_delivery_latency_seconds_sum {}", h.mean() * h.len() as f64 / 1e6);
+    let _ = writeln!(o.0, "tern_delivery_latency_seconds_count {}", h.len());
+    o.0
+}
