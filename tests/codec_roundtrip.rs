@@ -101,6 +101,8 @@ fn samples(v: ProtocolVersion) -> Vec<Packet> {
             username: Some(s("user")),
             password: Some(Bytes::from_static(b"p\x00ss")),
             properties: props(connect_props),
+            // mosquitto's bridge bit survives the round trip on 3.1 / 3.1.1.
+            bridge: !v.is_v5(),
         })),
         Packet::ConnAck(Box::new(ConnAck {
             session_present: true,

@@ -20,6 +20,9 @@ pub struct Connect {
     pub username: Option<MqttStr>,
     pub password: Option<Bytes>,
     pub properties: Properties,
+    /// mosquitto's bridge convention for 3.1 and 3.1.1: the protocol level with bit 0x80 set
+    /// says the client is a broker bridging to us (no echo of its own messages, retain kept).
+    pub bridge: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,12 +46,16 @@ impl Connect {
             username: None,
             password: None,
             properties: Properties::default(),
+            bridge: false,
         }
     }
 
     pub(super) fn decode(r: &mut Reader) -> Result<Connect, DecodeError> {
         let name = r.binary()?;
-        let level = r.u8()?;
+        let raw_level = r.u8()?;
+        // mosquitto's bridges set bit 0x80 on 3.1 / 3.1.1 levels.
+        let bridge = raw_level & 0x80 != 0 && matches!(raw_level & 0x7f, 3 | 4);
+        let level = if bridge { raw_level & 0x7f } else { raw_level };
         let protocol = match (&name[..], level) {
             (b"MQTT", 4) => ProtocolVersion::V311,
             (b"MQTT", 5) => ProtocolVersion::V5,
@@ -99,6 +106,7 @@ impl Connect {
             username,
             password,
             properties,
+            bridge,
         })
     }
 
@@ -121,7 +129,7 @@ impl Connect {
             ProtocolVersion::V31 => put_str(out, "MQIsdp"),
             _ => put_str(out, "MQTT"),
         }
-        out.put_u8(v as u8);
+        out.put_u8(if self.bridge && !v.is_v5() { v as u8 | 0x80 } else { v as u8 });
         let mut flags = 0u8;
         if self.clean_start {
             flags |= 0x02;
