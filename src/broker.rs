@@ -54,6 +54,8 @@ pub struct Shared {
     /// Whether each worker sleeps (and must be woken for mail).
     pub parking: Vec<crate::ring::Parking>,
     pub stats: Vec<WorkerStats>,
+    /// Every `[[bridge]]`: its configuration, TLS client configuration and live figures.
+    pub bridges: Vec<crate::worker::BridgeShared>,
     /// Each worker's delivery latency (see `metrics::latency`).
     pub latency: Vec<crate::metrics::latency::LatencySlot>,
     /// Decides each client id's home worker; the same keys on every worker.
@@ -158,6 +160,12 @@ impl Broker {
             }
             addrs.push(addr);
         }
+        let bridges = config
+            .bridge
+            .iter()
+            .map(crate::worker::BridgeShared::new)
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut http_listeners = Vec::new();
         for spec in &http_specs {
             let wanted = SocketAddr::new(spec.bind.unwrap_or(config.bind), spec.port);
@@ -233,6 +241,7 @@ impl Broker {
             parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             latency: (0..n).map(|_| Default::default()).collect(),
+            bridges,
             hasher,
             started: Instant::now(),
             clients_maximum: AtomicU64::new(0),

@@ -77,6 +77,8 @@ pub struct Config {
     pub persistent_client_expiration: String,
     /// More listeners (`[[listener]]`), beside the plain one at `bind`:`port`.
     pub listener: Vec<ListenerConfig>,
+    /// `[[bridge]]`: outgoing connections to other brokers (see `Bridging` in the README).
+    pub bridge: Vec<BridgeConfig>,
     /// mosquitto's password file (`mosquitto_passwd` or `tern passwd`): `user:$7$...` lines.
     pub password_file: Option<PathBuf>,
     /// Clients without a username may connect. Unset: only while every listener is on loopback
@@ -92,6 +94,153 @@ pub struct Config {
     pub persistence_location: Option<PathBuf>,
     /// Seconds between syncs in `periodic` mode.
     pub persistence_interval: u64,
+}
+
+/// One `[[bridge]]`: a connection tern dials to another broker, with mosquitto's meaning for
+/// topic directions and prefixes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    pub name: String,
+    /// `host:port`, or a list tried in order (fail-over).
+    pub address: Addresses,
+    /// 4 (3.1.1, with mosquitto's bridge bit) or 5.
+    #[serde(default = "default_bridge_version")]
+    pub protocol_version: u8,
+    /// Defaults to `tern-bridge-<name>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// With `cafile` the connection is TLS, the remote's certificate checked against it;
+    /// `certfile` and `keyfile` add a client certificate.
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    /// Start a new session on the remote at each connection (default: keep it).
+    #[serde(default)]
+    pub clean_start: bool,
+    #[serde(default = "default_bridge_keepalive")]
+    pub keepalive: u16,
+    pub topics: Vec<BridgeTopic>,
+}
+
+fn default_bridge_version() -> u8 {
+    4
+}
+
+fn default_bridge_keepalive() -> u16 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Addresses {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Addresses {
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Addresses::One(a) => vec![a.clone()],
+            Addresses::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A topic rule of a bridge: `pattern` with `local_prefix` is the local topic filter, with
+/// `remote_prefix` the remote one; a message crossing loses one prefix and gains the other.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTopic {
+    pub pattern: String,
+    #[serde(default)]
+    pub direction: Direction,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default)]
+    pub local_prefix: String,
+    #[serde(default)]
+    pub remote_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Local messages go to the remote.
+    #[default]
+    Out,
+    /// Remote messages come here.
+    In,
+    Both,
+}
+
+impl Direction {
+    pub fn outgoing(self) -> bool {
+        self != Direction::In
+    }
+
+    pub fn incoming(self) -> bool {
+        self != Direction::Out
+    }
+}
+
+impl BridgeConfig {
+    pub fn client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("tern-bridge-{}", self.name))
+    }
+
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let bad = |why: String| {
+            Err(ConfigError::Invalid { key: "bridge", why: format!("bridge {} ({}): {why}", i + 1, self.name) })
+        };
+        if self.name.is_empty() || self.name.contains(['/', '+', '#']) {
+            return bad("`name` must be non-empty, without / + #".into());
+        }
+        if self.address.list().is_empty() {
+            return bad("`address` needs at least one host:port".into());
+        }
+        for a in self.address.list() {
+            match a.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => return bad(format!("`address` {a:?}: expected host:port")),
+            }
+        }
+        if !matches!(self.protocol_version, 4 | 5) {
+            return bad("`protocol_version` must be 4 (3.1.1) or 5".into());
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return bad("`password` needs `username`".into());
+        }
+        if self.certfile.is_some() != self.keyfile.is_some() {
+            return bad("`certfile` and `keyfile` go together".into());
+        }
+        if self.certfile.is_some() && self.cafile.is_none() {
+            return bad("a client certificate needs `cafile` (TLS)".into());
+        }
+        for (key, path) in [("cafile", &self.cafile), ("certfile", &self.certfile), ("keyfile", &self.keyfile)] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::metadata(p) {
+                    return bad(format!("`{key}` {}: {e}", p.display()));
+                }
+            }
+        }
+        if self.topics.is_empty() {
+            return bad("`topics` needs at least one rule".into());
+        }
+        for t in &self.topics {
+            if t.qos > 2 {
+                return bad(format!("topic {:?}: `qos` must be 0, 1 or 2", t.pattern));
+            }
+            for (side, prefix) in [("local_prefix", &t.local_prefix), ("remote_prefix", &t.remote_prefix)] {
+                let filter = format!("{prefix}{}", t.pattern);
+                if crate::topic::validate_filter(&filter).is_err() || prefix.contains(['+', '#']) {
+                    return bad(format!("topic {:?} with `{side}` {prefix:?}: not a valid topic filter", t.pattern));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a listener speaks.
@@ -225,6 +374,7 @@ impl Default for Config {
             persistence_location: None,
             persistence_interval: 1,
             listener: Vec::new(),
+            bridge: Vec::new(),
             password_file: None,
             allow_anonymous: None,
             acl_file: None,
@@ -311,6 +461,12 @@ impl Config {
         }
         for (i, l) in self.listener.iter().enumerate() {
             l.validate(i)?;
+        }
+        for (i, b) in self.bridge.iter().enumerate() {
+            b.validate(i)?;
+            if self.bridge[..i].iter().any(|o| o.name == b.name) {
+                return bad("bridge", &format!("two bridges named {:?}", b.name));
+            }
         }
         if let Some(p) = &self.password_file {
             if let Err(e) = std::fs::metadata(p) {

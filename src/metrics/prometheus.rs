@@ -83,6 +83,37 @@ pub fn render(shared: &Shared) -> String {
         o.one("tern_store_backlog", "gauge", "Changes waiting for the store.", st.backlog.load(Ordering::Relaxed));
         o.one("tern_store_failed", "gauge", "1 once a store write failed.", st.failed.load(Ordering::Relaxed) as u8);
     }
+    if !shared.bridges.is_empty() {
+        let each: [(&str, &str, &str); 4] = [
+            ("tern_bridge_connected", "gauge", "1 while the bridge is connected to its remote."),
+            ("tern_bridge_queued", "gauge", "QoS 1/2 messages queued or in flight for the remote."),
+            ("tern_bridge_connects_total", "counter", "Successful connections to the remote."),
+            ("tern_bridge_forwarded_total", "counter", "Messages forwarded, by direction."),
+        ];
+        for (name, kind, help) in each {
+            o.head(name, kind, help);
+            for b in &shared.bridges {
+                let n = &b.config.name;
+                match name {
+                    "tern_bridge_connected" => {
+                        let _ = writeln!(o.0, "{name}{{bridge=\"{n}\"}} {}", b.connected.load(Ordering::Relaxed) as u8);
+                    }
+                    "tern_bridge_queued" => {
+                        let _ = writeln!(o.0, "{name}{{bridge=\"{n}\"}} {}", b.queued.load(Ordering::Relaxed));
+                    }
+                    "tern_bridge_connects_total" => {
+                        let _ = writeln!(o.0, "{name}{{bridge=\"{n}\"}} {}", b.connects.load(Ordering::Relaxed));
+                    }
+                    _ => {
+                        let (i, out) =
+                            (b.forwarded_in.load(Ordering::Relaxed), b.forwarded_out.load(Ordering::Relaxed));
+                        let _ = writeln!(o.0, "{name}{{bridge=\"{n}\",direction=\"in\"}} {i}");
+                        let _ = writeln!(o.0, "{name}{{bridge=\"{n}\",direction=\"out\"}} {out}");
+                    }
+                }
+            }
+        }
+    }
     let h = super::latency::total(&shared.latency);
     o.head(
         "tern_delivery_latency_seconds",

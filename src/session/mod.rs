@@ -209,6 +209,12 @@ pub struct Session {
     /// Persistence: this session's id in the store and what changed since it was last written
     /// (none: not persisted).
     pub store: Option<Box<SessionStore>>,
+    /// The local side of `[[bridge]]` number n on this worker: what it is sent goes to the
+    /// remote broker, its topics remapped.
+    pub bridge: Option<u16>,
+    /// The client is another broker bridging to us (mosquitto's protocol level bit 0x80): its
+    /// subscriptions are no-local and retain-as-published, so its own messages never go back.
+    pub bridge_peer: bool,
 }
 
 /// A queue entry's new state: in flight as (state, packet id), or queued (None), and the delivery.
@@ -261,6 +267,8 @@ impl Session {
             stall_timer: false,
             access: None,
             store: None,
+            bridge: None,
+            bridge_peer: false,
         }
     }
 

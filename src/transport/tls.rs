@@ -63,6 +63,30 @@ fn certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
+/// A bridge's rustls client configuration: the remote checked against `cafile`, with a client
+/// certificate when `certfile` and `keyfile` are given.
+pub fn client_config(cafile: &Path, cert: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("cafile", cafile)? {
+        roots.add(c).map_err(|e| format!("`cafile` {}: {e}", cafile.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots);
+    let config = match cert {
+        Some((certfile, keyfile)) => {
+            let chain = certs("certfile", certfile)?;
+            let key =
+                PrivateKeyDer::from_pem_file(keyfile).map_err(|e| format!("`keyfile` {}: {e}", keyfile.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| format!("`certfile`/`keyfile`: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
 /// Builds a listener's rustls configuration from its PEM files.
 pub fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, String> {
     let (Some(certfile), Some(keyfile)) = (&l.certfile, &l.keyfile) else {
@@ -100,10 +124,11 @@ pub fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// A TLS session over a non-blocking socket.
+/// A TLS session over a non-blocking socket: a client's connection to a listener, or a bridge's
+/// to a remote broker.
 pub struct TlsStream {
     sock: TcpStream,
-    tls: ServerConnection,
+    tls: rustls::Connection,
     /// The listener takes the client certificate's CN as the username.
     pub use_identity: bool,
     identity: Option<Box<str>>,
@@ -113,7 +138,17 @@ impl TlsStream {
     pub fn new(sock: TcpStream, config: Arc<ServerConfig>, use_identity: bool) -> io::Result<TlsStream> {
         let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
         tls.set_buffer_limit(Some(PENDING_MAX));
-        Ok(TlsStream { sock, tls, use_identity, identity: None })
+        Ok(TlsStream { sock, tls: tls.into(), use_identity, identity: None })
+    }
+
+    /// The client side, for a bridge: `server` is the name (or IP) the remote's certificate
+    /// must be for.
+    pub fn client(sock: TcpStream, config: Arc<rustls::ClientConfig>, server: &str) -> io::Result<TlsStream> {
+        let name = rustls::pki_types::ServerName::try_from(server.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TLS server name {server:?}: {e}")))?;
+        let mut tls = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+        tls.set_buffer_limit(Some(PENDING_MAX));
+        Ok(TlsStream { sock, tls: tls.into(), use_identity: false, identity: None })
     }
 
     pub fn socket(&mut self) -> &mut TcpStream {

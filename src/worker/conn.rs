@@ -59,6 +59,8 @@ pub struct Conn {
     /// Acknowledgements withheld while paused, sent on resume.
     #[allow(clippy::box_collection)]
     pub held: Option<Box<Vec<Packet>>>,
+    /// This worker's bridge number n dialled this connection: we are the client.
+    pub bridge: Option<u16>,
 }
 
 /// A connection's yes/no state, one byte each.
@@ -118,6 +120,7 @@ impl Conn {
             paused: 0,
             partial: 0,
             held: None,
+            bridge: None,
         }
     }
 

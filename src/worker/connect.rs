@@ -80,6 +80,11 @@ impl Worker {
             connect.client_id = MqttStr::from(id);
             assigned = true;
         }
+        if connect.client_id.starts_with("$bridge/") {
+            let why = "client ids starting with $bridge/ are the broker's own bridges";
+            self.refuse(k, ConnectReturnCode::IDENTIFIER_REJECTED, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, why);
+            return None;
+        }
         if self.shared.home_of(&connect.client_id) != self.id {
             return Some((connect, assigned));
         }
@@ -152,6 +157,10 @@ impl Worker {
         let s = &mut self.sessions[sk];
         s.version = v;
         s.expiry_interval = expiry;
+        s.bridge_peer = connect.bridge;
+        if connect.bridge {
+            log::info!("client {client_id} is a bridge (protocol level with 0x80)");
+        }
         s.stalled = false;
         s.last_progress = Some(self.clock.now);
         s.disconnected_at = None;
@@ -265,6 +274,7 @@ impl Worker {
         }
         self.turn.closed.push(k);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        let bridge = c.bridge;
         if !c.wbuf.is_empty() {
             let _ = c.transport.write(&c.wbuf);
             c.wbuf = BytesMut::new();
@@ -273,6 +283,9 @@ impl Worker {
         log::debug!("worker {}: connection {} from {} closed ({kind:?})", self.id, k.0, c.peer());
         if let Some(sk) = c.session.take() {
             self.detach(sk, k, kind);
+        }
+        if let Some(b) = bridge {
+            self.bridge_closed(b);
         }
     }
 

@@ -31,7 +31,7 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
-    fn to_message(&self) -> Arc<Message> {
+    pub(super) fn to_message(&self) -> Arc<Message> {
         Arc::new(Message {
             topic: MqttStr::from(self.topic),
             payload: Bytes::copy_from_slice(self.payload),
@@ -159,6 +159,10 @@ impl Worker {
                 continue;
             }
             let qos = m.qos.min(o.qos);
+            if let Some(b) = self.sessions[sk].bridge {
+                self.bridge_out(sk, b, m, qos, shared);
+                continue;
+            }
             // [MQTT-3.3.1-9]: forwarded with retain cleared, unless 5.0 retain-as-published.
             let retain = m.retain && o.retain_as_published;
             if qos != QoS::AtMostOnce {

@@ -143,6 +143,18 @@ impl Worker {
             }
         }
         let topic: &str = alias_topic.as_deref().unwrap_or(p.topic);
+        // From a remote broker we bridge to: its topic remapped by the `in` rules (none matching:
+        // acknowledged and dropped).
+        let mut unmapped = false;
+        let bridged = match self.conns[k].bridge {
+            Some(b) => {
+                let t = self.bridge_in(b, topic);
+                unmapped = t.is_none();
+                t
+            }
+            None => None,
+        };
+        let topic: &str = bridged.as_deref().unwrap_or(topic);
         let properties = match &stripped {
             Some(s) => (!s.is_empty()).then_some(s),
             None => p.properties.as_deref(),
@@ -179,7 +191,7 @@ impl Worker {
         let mut matched = true;
         let mut denied = false;
         let mut stamp = 0;
-        if topic.starts_with("$SYS") {
+        if unmapped || topic.starts_with("$SYS") {
             // Clients do not publish into the broker's own statistics: acknowledged, dropped.
         } else if !self.may(sk, topic, crate::auth::acl::Access::Write) {
             // No write access: not delivered (5.0: the acknowledgement says 0x87; 3.1.1 has no
@@ -273,6 +285,12 @@ impl Worker {
         for (filter, opts) in &filters {
             let mut subscription = Subscription { options: *opts, identifier, acl_whole: 0 };
             let s = &self.sessions[sk];
+            if s.bridge_peer && topic::parse_shared(filter).is_ok_and(|sf| sf.is_none()) {
+                // A broker bridging to us: its own messages never go back to it, and retained
+                // ones keep their flag (mosquitto's bridge convention).
+                subscription.options.no_local = true;
+                subscription.options.retain_as_published = true;
+            }
             let new = !s.subscriptions.contains_key(filter);
             if s.subscriptions.len() >= max_subs && new {
                 log::info!("client {}: max_subscriptions_per_client reached, refusing {filter:?}", s.client_id);

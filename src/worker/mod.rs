@@ -15,6 +15,7 @@
 //! step 4, so no handler ever finds a key it holds pointing at nothing.
 
 mod auth;
+mod bridge;
 mod conn;
 mod connect;
 mod deliver;
@@ -41,6 +42,7 @@ use crate::broker::Shared;
 use crate::ring::{Consumer, Producer};
 use crate::router::Router;
 use crate::session::{SessionKey, Sessions, Subscription};
+pub use bridge::BridgeShared;
 use conn::{CloseKind, Conn, ConnKey, Conns, Transport};
 pub use limits::{Limit, LIMITS};
 pub use mailbox::Mail;
@@ -189,6 +191,8 @@ pub struct Worker {
     auth: auth::AuthState,
     /// Persistence, when it is on: the batch for the store thread, held acknowledgements.
     persist: Option<Box<persist::WorkerStore>>,
+    /// The bridges this worker runs (those whose local session is homed here).
+    bridges: Vec<bridge::Bridge>,
 }
 
 impl Worker {
@@ -236,12 +240,14 @@ impl Worker {
             budget: limits::Budget::default(),
             auth: auth::AuthState::default(),
             persist,
+            bridges: Vec::new(),
             shared,
         }
     }
 
     pub fn run(&mut self) -> io::Result<()> {
         self.recover();
+        self.start_bridges();
         for (i, l) in self.listeners.iter_mut().enumerate() {
             self.poll.registry().register(l, Token(LISTENERS - i), Interest::READABLE)?;
         }

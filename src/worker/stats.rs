@@ -29,6 +29,7 @@ impl Worker {
     pub(super) fn tick(&mut self) {
         self.sys.next_tick_ms = self.clock.ms + TICK.as_millis() as u64;
         self.trim_buffers();
+        self.bridge_tick();
         self.publish_stats();
         let interval = self.shared.config.sys_interval;
         if self.id == 0 && interval > 0 && self.clock.ms >= self.sys.next_sys_ms {
@@ -110,6 +111,14 @@ impl Worker {
             self.shared.subscription_bytes.load(Ordering::Relaxed).to_string(),
         ));
         values.push(("$SYS/broker/limits/retained_bytes/held".into(), self.router.retained.bytes().to_string()));
+        for b in &self.shared.bridges {
+            let base = format!("$SYS/broker/bridges/{}", b.config.name);
+            let connected = b.connected.load(Ordering::Relaxed) as u8;
+            values.push((format!("{base}/connected"), connected.to_string()));
+            values.push((format!("{base}/queued"), b.queued.load(Ordering::Relaxed).to_string()));
+            values.push((format!("{base}/forwarded/in"), b.forwarded_in.load(Ordering::Relaxed).to_string()));
+            values.push((format!("{base}/forwarded/out"), b.forwarded_out.load(Ordering::Relaxed).to_string()));
+        }
         // Delivery latency over the interval since the last update, microseconds.
         let h = crate::metrics::latency::take_window(&self.shared.latency);
         for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {

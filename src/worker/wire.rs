@@ -201,7 +201,10 @@ impl Worker {
                             return false;
                         }
                     }
-                    packet => self.on_packet(k, packet),
+                    packet => match self.conns[k].bridge {
+                        Some(b) => self.on_bridge_packet(k, b, packet),
+                        None => self.on_packet(k, packet),
+                    },
                 }
             }
             let c = &self.conns[k];
