@@ -162,8 +162,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let run_id = std::process::id();
     for (i, (filter, _)) in subs.iter().enumerate() {
         let role = Role::Subscriber { filter: filter.clone(), next_seq: vec![0; npub] };
-        clients
-            .push(Client::open(addr, role, &format!("lt-{run_id}-s{i}"), &args, READ_BUF).map_err(|e| e.to_string())?);
+        let sub_addr = args.sub_port.map_or(addr, |p| std::net::SocketAddr::new(addr.ip(), p));
+        clients.push(
+            Client::open(sub_addr, role, &format!("lt-{run_id}-s{i}"), &args, READ_BUF).map_err(|e| e.to_string())?,
+        );
     }
     let first_pub = clients.len();
     for (i, topic) in pub_topics.iter().enumerate() {

@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// so a broker with persistence writes what it queues for them.
     #[arg(long)]
     pub persistent: bool,
+    /// Subscribers connect to this port instead of --port (a bridge between two brokers: the
+    /// publishers on one, the subscribers on the other).
+    #[arg(long)]
+    pub sub_port: Option<u16>,
     /// Username every client sends in CONNECT.
     #[arg(long)]
     pub username: Option<String>,

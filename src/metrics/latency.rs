@@ -44,6 +44,9 @@ impl Latency {
     #[inline]
     pub fn note(&mut self, read_at: Option<Instant>, n: u64) {
         let Some(t) = read_at else { return };
+        if n == 0 {
+            return;
+        }
         if let Some(last) = self.turn.last_mut() {
             if last.0 == t {
                 last.1 += n;

@@ -130,6 +130,7 @@ impl Worker {
         let max_out = self.shared.config.max_output_bytes;
         // Subscriptions whose whole filter the ACL grants carry this mark: no check per message.
         let whole_mark = self.shared.auth.acl_generation.load(std::sync::atomic::Ordering::Relaxed) as u32 + 1;
+        let mut sent_qos0 = 0u64;
         let mut i = 0;
         while i < matches.len() {
             // Merge every subscription of one session.
@@ -194,8 +195,7 @@ impl Worker {
             };
             if retain || custom.is_some() || c.out_aliases.is_some() {
                 if c.write_publish(s.version, &header, m.payload) {
-                    self.counters.messages_sent += 1;
-                    self.latency.note(m.read_at, 1);
+                    sent_qos0 += 1;
                 }
             } else {
                 let (start, end) = *cached[v5 as usize].get_or_insert_with(|| {
@@ -208,11 +208,13 @@ impl Worker {
                     continue;
                 }
                 c.wbuf.extend_from_slice(&enc[start..end]);
-                self.counters.messages_sent += 1;
-                self.latency.note(m.read_at, 1);
+                sent_qos0 += 1;
             }
             self.mark_dirty(ck);
         }
+        // One count for the whole fan-out: the QoS 0 copies share the message's read time.
+        self.counters.messages_sent += sent_qos0;
+        self.latency.note(m.read_at, sent_qos0);
         self.scratch.encoded = enc;
         self.scratch.matches = matches;
         true
