@@ -50,6 +50,7 @@ for rep in $(seq 1 "$REPS"); do
     run after "$AFTER" fanout --subscribers 100 --qos 0
 done
 
+[ -n "${FANOUT_ONLY:-}" ] && BRIDGE_REPS=0 || BRIDGE_REPS=$REPS
 # The bridge: B (the "cloud") on PORT+1, A (the edge) on PORT bridging lt/# to it.
 BPORT=$((PORT + 1))
 cat > "$WORK/cloud.toml" <<CONF
@@ -67,8 +68,8 @@ address = "127.0.0.1:$BPORT"
 protocol_version = 5
 topics = [{ pattern = "lt/#", direction = "out", qos = 1 }]
 CONF
-for rep in $(seq 1 "$REPS"); do
-    echo "== bridge run $rep/$REPS"
+for rep in $(seq 1 "$BRIDGE_REPS"); do
+    echo "== bridge run $rep/$BRIDGE_REPS"
     # Direct: publishers and subscribers on one tern.
     taskset -c 0 "$AFTER" -c "$WORK/cloud.toml" 2>/dev/null &
     CLOUD=$!

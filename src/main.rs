@@ -181,6 +181,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     env_logger::Builder::new().parse_filters(&config.log_level).parse_default_env().format_timestamp_millis().init();
+    // Past a file-size limit (ulimit -f) a write fails with EFBIG instead of killing the broker:
+    // the store then refuses what it cannot keep (see Persistence).
+    let ignored = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, ignored);
     let broker = match Broker::start(config) {
         Ok(b) => b,
         Err(e) => {

@@ -2,7 +2,8 @@
 //! subscriptions, queued and in-flight QoS 1/2 messages, and retained messages survive; in
 //! `durable` mode nothing whose PUBACK (PUBREC) a publisher saw is lost, and QoS 2 stays exactly
 //! once across a broker kill with the subscriber killed and resumed around it. A corrupt store and
-//! an unwritable directory are refused at start-up with the file named.
+//! an unwritable directory are refused at start-up with the file named; a full disk (a file-size
+//! limit) refuses QoS 1 publishes instead of acknowledging them, and loses nothing acknowledged.
 
 mod common;
 
@@ -324,5 +325,65 @@ fn a_durable_publisher_that_never_waits_for_its_pubacks_is_paced_and_loses_nothi
         let p = sub.recv_publish();
         sub.ack(&p);
     }
+    sigterm(broker);
+}
+
+#[test]
+fn a_full_disk_refuses_qos1_instead_of_acknowledging_it_and_loses_nothing_acknowledged() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit (util-linux) not installed: skipped");
+        return;
+    }
+    let dir = store_dir();
+    // The broker may write files of at most 8 MiB: the store fills up part-way.
+    let conf = format!("{}max_queued_bytes = 0\n", config("durable", &dir, 1));
+    let (broker, port, _) = spawn_tern_under(&["prlimit", "--fsize=8388608", "--"], &[], &conf);
+    let a = SocketAddr::from(([127, 0, 0, 1], port));
+    let (mut sub, _) = persistent(a, "full-sub");
+    sub.subscribe("full/t", QoS::AtLeastOnce);
+    sub.disconnect();
+    let (mut publisher, _) = Client::connect_v(a, "full-pub", true, ProtocolVersion::V5);
+    let payload = Bytes::from(vec![b'x'; 32 * 1024]);
+    let mut acked = 0u32;
+    let refused = loop {
+        assert!(acked < 2_000, "64 MiB acknowledged under an 8 MiB file-size limit");
+        let mut p = Publish::new("full/t", QoS::AtLeastOnce, payload.clone());
+        let id = publisher.id();
+        p.packet_id = Some(id);
+        let mut body = acked.to_be_bytes().to_vec();
+        body.extend_from_slice(&payload[4..]);
+        p.payload = Bytes::from(body);
+        publisher.send(&Packet::Publish(p));
+        let Packet::PubAck(ack) = publisher.recv_where(|p| matches!(p, Packet::PubAck(a) if a.packet_id == id)) else {
+            unreachable!()
+        };
+        if ack.reason.is_error() {
+            break ack.reason;
+        }
+        acked += 1;
+    };
+    // [MQTT-3.4.2-1] 0x80 unspecified error: not stored, so not acknowledged as delivered.
+    assert_eq!(refused, ReasonCode(0x80));
+    assert!(acked > 10, "the store took some messages before it filled ({acked})");
+    eprintln!("{acked} messages of 32 KiB acknowledged before the store filled; the next refused with {refused:?}");
+    // The broker is still up for everyone else.
+    let (mut q0, _) = Client::connect(a, "full-q0", true);
+    q0.subscribe("full/q0", QoS::AtMostOnce);
+    q0.publish("full/q0", "still here", QoS::AtMostOnce, false);
+    assert_eq!(&q0.recv_publish().payload[..], b"still here");
+    kill9(broker);
+    // Restarted with room: every acknowledged message is there.
+    let (broker, a) = start("durable", &dir, 1);
+    let (mut sub, ack) = persistent(a, "full-sub");
+    assert!(ack.session_present);
+    let mut seen = HashSet::new();
+    while seen.len() < acked as usize {
+        let Some(Packet::Publish(p)) = sub.try_recv(DEADLINE) else {
+            panic!("{} of {acked} acknowledged messages came back", seen.len());
+        };
+        sub.ack(&p);
+        seen.insert(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
+    }
+    assert!((0..acked).all(|i| seen.contains(&i)));
     sigterm(broker);
 }

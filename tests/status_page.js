@@ -12,8 +12,8 @@ const [url, executablePath, shot] = process.argv.slice(2);
       const n = id => parseFloat((document.getElementById(id).textContent || "").replace(/[^0-9.]/g, "")) || 0;
       return n("rate-in") > 0 && n("rate-out") > 0 && n("p99") > 0;
     }, null, { timeout: 60000, polling: 250 });
-    // One more poll so the charts have a few points.
-    await page.waitForTimeout(4500);
+    // More polls so the charts have a few points (WAIT_MS: longer, for a screenshot).
+    await page.waitForTimeout(parseInt(process.env.WAIT_MS || "4500", 10));
     const shown = await page.evaluate(() =>
       Object.fromEntries(["connections", "rate-in", "rate-out", "drops", "p99", "p50", "sessions"]
         .map(id => [id, document.getElementById(id).textContent])));

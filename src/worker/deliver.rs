@@ -160,7 +160,8 @@ impl Worker {
                 continue;
             }
             let qos = m.qos.min(o.qos);
-            if let Some(b) = self.sessions[sk].bridge {
+            let s = &self.sessions[sk];
+            if let Some(b) = s.bridge {
                 self.bridge_out(sk, b, m, qos, shared);
                 continue;
             }
@@ -171,7 +172,6 @@ impl Worker {
                 self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 }, true);
                 continue;
             }
-            let s = &self.sessions[sk];
             let Some(ck) = s.conn else { continue }; // QoS 0 is not kept for offline sessions
             if s.backlog.is_some() {
                 let msg = shared.get_or_insert_with(|| m.to_message()).clone();

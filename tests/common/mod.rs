@@ -236,11 +236,25 @@ pub const WORKER_COUNTS: [usize; 2] = [1, 4];
 
 /// Runs the real binary on an ephemeral port; returns it and its port.
 pub fn spawn_tern(extra: &[&str], config: &str) -> (Child, u16, std::path::PathBuf) {
+    spawn_tern_under(&[], extra, config)
+}
+
+/// `spawn_tern` run through `wrapper` (e.g. `prlimit --fsize=N --`).
+#[allow(dead_code)]
+pub fn spawn_tern_under(wrapper: &[&str], extra: &[&str], config: &str) -> (Child, u16, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tern-test-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tern.toml");
     std::fs::write(&file, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_tern"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_tern")),
+    };
+    let mut child = cmd
         .args(["-c", file.to_str().unwrap(), "-p", "0"])
         .args(extra)
         .stderr(Stdio::piped())
