@@ -35,6 +35,10 @@ pub struct Config {
     pub connect_timeout: u64,
     /// Seconds between `$SYS` updates; 0 turns them off.
     pub sys_interval: u64,
+    /// The longest keep alive a client may have, seconds (mosquitto's name); 65535: any. A 5.0
+    /// client asking for more, or for 0, is told this one (Server Keep Alive) and held to it;
+    /// a 3.1/3.1.1 client asking for more, or for 0, is refused, as mosquitto does.
+    pub max_keepalive: u16,
     /// Accept 3.1/3.1.1 CONNECT with an empty client id and clean session (a generated id).
     pub allow_zero_length_clientid: bool,
     /// Subscriptions one session may hold; more are refused in SUBACK (5.0: 0x97 quota exceeded).
@@ -356,6 +360,7 @@ impl Default for Config {
             max_output_bytes: 1 << 20,
             connect_timeout: 10,
             sys_interval: 10,
+            max_keepalive: 65535,
             allow_zero_length_clientid: true,
             max_subscriptions_per_client: 10_000,
             max_sessions: 1_000_000,
@@ -434,6 +439,9 @@ impl Config {
         }
         if self.max_output_bytes < 4096 {
             return bad("max_output_bytes", "must be at least 4096");
+        }
+        if self.max_keepalive == 0 {
+            return bad("max_keepalive", "must be at least 1 second (65535: any keep alive)");
         }
         if self.connect_timeout == 0 {
             return bad("connect_timeout", "must be at least 1 second");

@@ -614,3 +614,31 @@ fn rumqttc_v5_client_works() {
         b.shutdown();
     }
 }
+
+#[test]
+fn max_keepalive_is_the_server_keep_alive_for_5_0_and_refuses_longer_3_1_1_keep_alives() {
+    for w in WORKER_COUNTS {
+        let b = start_with(Config { max_keepalive: 1, ..config(w) });
+        let addr = b.local_addr();
+        // [MQTT-3.2.2-21]: the client asked for 10 s (and another for 0, no keep alive): both are
+        // told 1 s, and held to it.
+        for asked in [10, 0] {
+            let (mut c, ack) = Client::connect_with(
+                addr,
+                Connect { keep_alive: asked, ..connect5("ka", true, Properties::default()) },
+            );
+            assert_eq!(ack.code, ReasonCode::SUCCESS);
+            assert_eq!(ack.properties.server_keep_alive, Some(1), "asked for {asked}");
+            expect_disconnect(&mut c, ReasonCode::KEEP_ALIVE_TIMEOUT);
+        }
+        // Within the maximum: no Server Keep Alive, the client's own value.
+        let (_c, ack) =
+            Client::connect_with(addr, Connect { keep_alive: 1, ..connect5("ok", true, Properties::default()) });
+        assert_eq!(ack.properties.server_keep_alive, None);
+        // 3.1.1 cannot be told: refused with 2 (identifier rejected), as mosquitto does.
+        let (mut old, ack) = Client::connect_with(addr, Connect { keep_alive: 10, ..Connect::new("old") });
+        assert_eq!(ack.code, ConnectReturnCode::IDENTIFIER_REJECTED);
+        old.expect_closed();
+        b.shutdown();
+    }
+}

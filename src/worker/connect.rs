@@ -121,6 +121,17 @@ impl Worker {
         self.conns[k].version = Some(v);
         // Keep nothing that points into a read buffer: copy what the session keeps.
         let client_id = MqttStr::from(connect.client_id.as_str());
+        // `max_keepalive`: a 5.0 client is told the server's [MQTT-3.2.2-21]; an older one, which
+        // cannot be told, is refused (as mosquitto does).
+        let max_keepalive = self.shared.config.max_keepalive;
+        let too_long = max_keepalive < u16::MAX && (connect.keep_alive == 0 || connect.keep_alive > max_keepalive);
+        let server_keep_alive = (too_long && v.is_v5()).then_some(max_keepalive);
+        if too_long && !v.is_v5() {
+            let why = format!("keep alive {} s is over max_keepalive ({max_keepalive} s)", connect.keep_alive);
+            log::info!("client {client_id}: {why}");
+            self.refuse(k, ConnectReturnCode::IDENTIFIER_REJECTED, ReasonCode::UNSPECIFIED_ERROR, &why);
+            return;
+        }
         // [MQTT-3.1.4-2]: an existing connection with this client id is closed.
         if let Some(sk) = self.sessions.find(&client_id) {
             if let Some(old) = self.sessions[sk].conn {
@@ -180,7 +191,7 @@ impl Worker {
         });
         let c = &mut self.conns[k];
         c.session = Some(sk);
-        c.keep_alive = connect.keep_alive;
+        c.keep_alive = server_keep_alive.unwrap_or(connect.keep_alive);
         c.aliases = None;
         // Aliases are per connection [MQTT-3.3.2-7]: a new connection starts with none.
         c.out_aliases = match connect.properties.topic_alias_maximum {
@@ -213,6 +224,7 @@ impl Worker {
                 p.assigned_client_identifier = Some(client_id.clone());
             }
             p.receive_maximum = Some(self.shared.config.max_inflight_messages);
+            p.server_keep_alive = server_keep_alive;
             p.maximum_packet_size = Some(self.shared.config.max_packet_size);
             p.topic_alias_maximum = Some(TOPIC_ALIAS_MAXIMUM);
             p.retain_available = Some(1);
