@@ -37,7 +37,7 @@ pub struct Config {
     pub sys_interval: u64,
     /// The longest keep alive a client may have, seconds (mosquitto's name); 65535: any. A 5.0
     /// client asking for more, or for 0, is told this one (Server Keep Alive) and held to it;
-    /// a 3.1/3.1.1 client asking for more, or for 0, is refused, as mosquitto does.
+    /// a 3.1/3.1.1 client asking for more is refused, as mosquitto does (0, none, is accepted).
     pub max_keepalive: u16,
     /// Accept 3.1/3.1.1 CONNECT with an empty client id and clean session (a generated id).
     pub allow_zero_length_clientid: bool,

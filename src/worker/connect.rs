@@ -124,9 +124,12 @@ impl Worker {
         // `max_keepalive`: a 5.0 client is told the server's [MQTT-3.2.2-21]; an older one, which
         // cannot be told, is refused (as mosquitto does).
         let max_keepalive = self.shared.config.max_keepalive;
-        let too_long = max_keepalive < u16::MAX && (connect.keep_alive == 0 || connect.keep_alive > max_keepalive);
-        let server_keep_alive = (too_long && v.is_v5()).then_some(max_keepalive);
-        if too_long && !v.is_v5() {
+        let limited = max_keepalive < u16::MAX;
+        let server_keep_alive =
+            (limited && v.is_v5() && (connect.keep_alive == 0 || connect.keep_alive > max_keepalive))
+                .then_some(max_keepalive);
+        // 3.1.1 keep alive 0 (none) is accepted, as mosquitto does: only a longer one is refused.
+        if limited && !v.is_v5() && connect.keep_alive > max_keepalive {
             let why = format!("keep alive {} s is over max_keepalive ({max_keepalive} s)", connect.keep_alive);
             log::info!("client {client_id}: {why}");
             self.refuse(k, ConnectReturnCode::IDENTIFIER_REJECTED, ReasonCode::UNSPECIFIED_ERROR, &why);
