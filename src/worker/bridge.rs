@@ -290,6 +290,11 @@ impl Worker {
     /// Not connected: the next address, after a back-off that doubles up to a minute, with
     /// jitter so that many edge brokers do not return to a restarted cloud in step.
     fn bridge_failed(&mut self, i: usize) {
+        self.bridge_retry(i, true);
+    }
+
+    /// Down: dial again after the back-off, at the next address when `next`.
+    fn bridge_retry(&mut self, i: usize, next: bool) {
         let b = &mut self.bridges[i];
         b.rng ^= b.rng << 13;
         b.rng ^= b.rng >> 7;
@@ -297,7 +302,9 @@ impl Worker {
         let jitter = b.rng % (b.backoff_ms / 2 + 1);
         let wait = b.backoff_ms / 2 + jitter + b.backoff_ms / 4;
         b.backoff_ms = (b.backoff_ms * 2).min(BACKOFF_MAX_MS);
-        b.address += 1;
+        if next {
+            b.address = b.address.wrapping_add(1);
+        }
         b.state = State::Down { retry_at: self.clock.ms + wait };
         self.shared.bridges[b.index].connected.store(false, Ordering::Relaxed);
     }
@@ -309,14 +316,14 @@ impl Worker {
             return;
         }
         let name = &self.shared.bridges[self.bridges[i].index].config.name;
-        if matches!(self.bridges[i].state, State::Up { .. }) {
+        // An address that worked is tried first again.
+        let was_up = matches!(self.bridges[i].state, State::Up { .. });
+        if was_up {
             log::warn!("bridge {name}: connection lost; reconnecting");
-            // It worked at this address: try it first again.
-            self.bridges[i].address = self.bridges[i].address.wrapping_sub(1);
         } else {
             log::info!("bridge {name}: could not connect; retrying");
         }
-        self.bridge_failed(i);
+        self.bridge_retry(i, !was_up);
     }
 
     /// Packets a remote broker sends us as its client: CONNACK, SUBACK, UNSUBACK, PINGRESP; the
