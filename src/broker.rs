@@ -40,6 +40,10 @@ pub struct WorkerStats {
     /// Messages not delivered by cause (`metrics::Drop`), PUBLISH received by QoS.
     pub drops: [AtomicU64; crate::metrics::DROPS],
     pub received_qos: [AtomicU64; 3],
+    /// Payload bytes received by QoS; PUBLISH sent and their payload bytes by QoS.
+    pub received_bytes: [AtomicU64; 3],
+    pub sent_qos: [AtomicU64; 3],
+    pub sent_bytes: [AtomicU64; 3],
     /// Mail waiting in this worker's rings and overflow, last tick.
     pub mail_waiting: AtomicU64,
 }

@@ -99,6 +99,14 @@ fn metrics_count_the_traffic_sent_and_parse_as_prometheus_text() {
         assert_eq!(get(&s, "tern_messages_received_total", &[("qos", "1")]), 100.0);
         assert_eq!(get(&s, "tern_messages_received_total", &[("qos", "2")]), 10.0);
         assert_eq!(get(&s, "tern_messages_sent_total", &[]), 150.0);
+        assert_eq!(get(&s, "tern_messages_sent_total", &[("qos", "0")]), 40.0);
+        assert_eq!(get(&s, "tern_messages_sent_total", &[("qos", "1")]), 100.0);
+        assert_eq!(get(&s, "tern_messages_sent_total", &[("qos", "2")]), 10.0);
+        // Payloads are the decimal counters: 0..40 is 70 bytes, 0..100 is 190, 0..10 is 10.
+        assert_eq!(get(&s, "tern_payload_bytes_received_total", &[("qos", "1")]), 190.0);
+        assert_eq!(get(&s, "tern_payload_bytes_received_total", &[]), 270.0);
+        assert_eq!(get(&s, "tern_payload_bytes_sent_total", &[("qos", "0")]), 70.0);
+        assert_eq!(get(&s, "tern_payload_bytes_sent_total", &[("qos", "2")]), 10.0);
         // Per-worker figures sum to the totals.
         assert_eq!(get(&s, "tern_worker_messages_received_total", &[]), 150.0);
         assert_eq!(get(&s, "tern_worker_messages_sent_total", &[]), 150.0);

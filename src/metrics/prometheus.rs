@@ -39,12 +39,19 @@ pub fn render(shared: &Shared) -> String {
     o.one("tern_subscriptions", "gauge", "Subscriptions over all sessions.", sum(|s| &s.subscriptions));
     let retained = stats.first().map_or(0, |s| s.retained.load(Ordering::Relaxed));
     o.one("tern_retained_messages", "gauge", "Retained topics kept.", retained);
-    o.head("tern_messages_received_total", "counter", "PUBLISH packets received from clients, by QoS.");
-    for q in 0..3 {
-        let n: u64 = stats.iter().map(|s| s.received_qos[q].load(Ordering::Relaxed)).sum();
-        let _ = writeln!(o.0, "tern_messages_received_total{{qos=\"{q}\"}} {n}");
+    let by_qos: [(&str, &str, fn(&WorkerStats) -> &[AtomicU64; 3]); 4] = [
+        ("tern_messages_received_total", "PUBLISH packets received from clients, by QoS.", |s| &s.received_qos),
+        ("tern_messages_sent_total", "PUBLISH packets sent to clients, by the QoS delivered.", |s| &s.sent_qos),
+        ("tern_payload_bytes_received_total", "Payload bytes of PUBLISH received, by QoS.", |s| &s.received_bytes),
+        ("tern_payload_bytes_sent_total", "Payload bytes of PUBLISH sent, by QoS.", |s| &s.sent_bytes),
+    ];
+    for (name, help, field) in by_qos {
+        o.head(name, "counter", help);
+        for q in 0..3 {
+            let n: u64 = stats.iter().map(|s| field(s)[q].load(Ordering::Relaxed)).sum();
+            let _ = writeln!(o.0, "{name}{{qos=\"{q}\"}} {n}");
+        }
     }
-    o.one("tern_messages_sent_total", "counter", "PUBLISH packets sent to clients.", sum(|s| &s.messages_sent));
     o.one("tern_bytes_received_total", "counter", "Bytes read from client sockets.", sum(|s| &s.bytes_received));
     o.one("tern_bytes_sent_total", "counter", "Bytes written to client sockets.", sum(|s| &s.bytes_sent));
     o.head("tern_messages_dropped_total", "counter", "Messages not delivered, by cause.");

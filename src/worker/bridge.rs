@@ -410,7 +410,7 @@ impl Worker {
         // What waited while the remote was away goes now, in order.
         let mut out = ConnOutlet::new(&mut self.conns[k], v, usize::MAX, self.clock.now, &mut self.latency);
         self.sessions[sk].resend(&mut out);
-        self.counters.messages_sent += out.sent;
+        self.counters.sent_through(&out);
         self.pump(sk);
         self.persist_attach(sk);
     }

@@ -223,6 +223,9 @@ pub struct ConnOutlet<'a> {
     pub now: std::time::Instant,
     /// PUBLISH packets written (for `$SYS/broker/messages/sent`).
     pub sent: u64,
+    /// The same by QoS, and their payload bytes.
+    pub sent_qos: [u64; 3],
+    pub sent_bytes: [u64; 3],
     pub latency: &'a mut crate::metrics::latency::Latency,
 }
 
@@ -234,7 +237,7 @@ impl<'a> ConnOutlet<'a> {
         now: std::time::Instant,
         latency: &'a mut crate::metrics::latency::Latency,
     ) -> Self {
-        ConnOutlet { conn, version, max_output, now, sent: 0, latency }
+        ConnOutlet { conn, version, max_output, now, sent: 0, sent_qos: [0; 3], sent_bytes: [0; 3], latency }
     }
 }
 
@@ -246,6 +249,8 @@ impl Outlet for ConnOutlet<'_> {
     fn publish(&mut self, id: PacketId, d: &Delivery, dup: bool) -> bool {
         let ok = self.conn.write_delivery(self.version, d, Some(id), dup, self.now);
         self.sent += ok as u64;
+        self.sent_qos[d.qos as usize] += ok as u64;
+        self.sent_bytes[d.qos as usize] += if ok { d.msg.payload.len() as u64 } else { 0 };
         if ok && !dup {
             self.latency.note(d.msg.read_at, 1);
         }

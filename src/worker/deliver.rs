@@ -213,7 +213,7 @@ impl Worker {
             self.mark_dirty(ck);
         }
         // One count for the whole fan-out: the QoS 0 copies share the message's read time.
-        self.counters.messages_sent += sent_qos0;
+        self.counters.sent(QoS::AtMostOnce, sent_qos0, m.payload.len());
         self.latency.note(m.read_at, sent_qos0);
         self.scratch.encoded = enc;
         self.scratch.matches = matches;
@@ -305,7 +305,7 @@ impl Worker {
             return;
         }
         if c.write_delivery(v, &d, None, false, self.clock.now) {
-            self.counters.messages_sent += 1;
+            self.counters.sent(QoS::AtMostOnce, 1, d.msg.payload.len());
             self.latency.note(d.msg.read_at, 1);
         }
         self.mark_dirty(ck);
@@ -340,7 +340,7 @@ impl Worker {
                     ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now, &mut self.latency);
                 let offer = s.offer(d, self.clock.now, max_queued, Some(&mut out));
                 if offer == Offer::Sent {
-                    self.counters.messages_sent += out.sent;
+                    self.counters.sent_through(&out);
                     self.mark_dirty(ck);
                 }
                 offer
@@ -374,7 +374,7 @@ impl Worker {
         let mut out = ConnOutlet::new(&mut self.conns[ck], s.version, max_output, self.clock.now, &mut self.latency);
         s.pump(self.clock.now, &mut out);
         let wrote = !out.conn.wbuf.is_empty();
-        self.counters.messages_sent += out.sent;
+        self.counters.sent_through(&out);
         if wrote {
             self.mark_dirty(ck);
         }

@@ -161,6 +161,7 @@ impl Worker {
         };
         self.counters.messages_received += 1;
         self.counters.received_qos[p.qos as usize] += 1;
+        self.counters.received_bytes[p.qos as usize] += p.payload.len() as u64;
         if p.qos != QoS::AtMostOnce && self.store_failed() {
             let ack = match (p.qos, p.packet_id) {
                 (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(Ack::new(id)),

@@ -39,6 +39,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::broker::Shared;
+use crate::codec::QoS;
 use crate::ring::{Consumer, Producer};
 use crate::router::Router;
 use crate::session::{SessionKey, Sessions, Subscription};
@@ -149,14 +150,36 @@ pub struct Counters {
     pub publish_dropped: u64,
     /// Messages not delivered, by cause (`metrics::Drop`).
     pub drops: [u64; crate::metrics::DROPS],
-    /// PUBLISH packets received by QoS.
+    /// PUBLISH packets received by QoS, and their payload bytes.
     pub received_qos: [u64; 3],
+    pub received_bytes: [u64; 3],
+    /// PUBLISH packets sent by QoS (as delivered, after downgrade), and their payload bytes.
+    pub sent_qos: [u64; 3],
+    pub sent_bytes: [u64; 3],
     /// Refusals by byte budget, indexed by `limits::Limit`.
     pub limits: [u64; limits::LIMITS],
     generated_ids: u64,
 }
 
 impl Counters {
+    /// `n` copies of a `payload`-byte message sent at `qos`.
+    #[inline]
+    pub fn sent(&mut self, qos: QoS, n: u64, payload: usize) {
+        self.messages_sent += n;
+        self.sent_qos[qos as usize] += n;
+        self.sent_bytes[qos as usize] += n * payload as u64;
+    }
+
+    /// What a `ConnOutlet` wrote.
+    #[inline]
+    pub fn sent_through(&mut self, out: &conn::ConnOutlet<'_>) {
+        self.messages_sent += out.sent;
+        for q in 0..3 {
+            self.sent_qos[q] += out.sent_qos[q];
+            self.sent_bytes[q] += out.sent_bytes[q];
+        }
+    }
+
     /// A message not delivered: counted by cause, and in `$SYS/broker/publish/messages/dropped`
     /// when a bound or the memory limit dropped it (as mosquitto counts).
     #[inline]

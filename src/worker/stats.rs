@@ -61,8 +61,15 @@ impl Worker {
         for (to, &n) in s.drops.iter().zip(&c.drops) {
             to.store(n, Ordering::Relaxed);
         }
-        for (to, &n) in s.received_qos.iter().zip(&c.received_qos) {
-            to.store(n, Ordering::Relaxed);
+        for (to, from) in [
+            (&s.received_qos, &c.received_qos),
+            (&s.received_bytes, &c.received_bytes),
+            (&s.sent_qos, &c.sent_qos),
+            (&s.sent_bytes, &c.sent_bytes),
+        ] {
+            for (to, &n) in to.iter().zip(from) {
+                to.store(n, Ordering::Relaxed);
+            }
         }
         s.mail_waiting.store(self.mailbox.waiting() as u64, Ordering::Relaxed);
     }
