@@ -140,6 +140,38 @@ impl Transport {
         }
     }
 
+    /// Queues the transport's own end-of-stream marker after what was written: TLS close_notify,
+    /// a WebSocket Close frame. The socket's write side is shut once it is flushed.
+    pub fn finish(&mut self) {
+        match self {
+            Transport::Tcp(_) => {}
+            Transport::Tls(t) => t.finish(),
+            Transport::Ws(w) => w.finish(),
+        }
+    }
+
+    /// Shuts the socket's write side (a FIN after everything written), keeping it readable.
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        self.source().shutdown(std::net::Shutdown::Write)
+    }
+
+    /// Reads and throws away what the socket has, up to `limit` bytes: `Ok(0)` at end of stream.
+    pub fn discard(&mut self, limit: usize) -> io::Result<usize> {
+        let mut scratch = [0u8; 16 * 1024];
+        let mut total = 0;
+        while total < limit {
+            match self.source().read(&mut scratch) {
+                Ok(0) if total == 0 => return Ok(0),
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && total > 0 => return Ok(total),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(total)
+    }
+
     /// The username a client certificate gives, on a listener with `use_identity_as_username`.
     pub fn identity(&self) -> Option<&str> {
         match self {

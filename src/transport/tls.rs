@@ -212,6 +212,11 @@ impl TlsStream {
         self.tls.wants_write()
     }
 
+    /// Queues close_notify: the end of the stream, after what was written before.
+    pub fn finish(&mut self) {
+        self.tls.send_close_notify();
+    }
+
     pub fn flush_pending(&mut self) -> io::Result<()> {
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.sock) {

@@ -217,6 +217,16 @@ impl WsStream {
         !self.output.is_empty() || self.lower.pending_output()
     }
 
+    /// Queues a normal Close frame: the end of the stream (over TLS the FIN follows it, without
+    /// close_notify, which could overtake a frame still waiting here).
+    pub fn finish(&mut self) {
+        if let State::Open(ctx) = &mut self.state {
+            let mut pipe = Pipe { input: &mut self.input, output: &mut self.output };
+            let _ = ctx.close(&mut pipe, Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }));
+            let _ = ctx.flush(&mut pipe);
+        }
+    }
+
     pub fn flush_pending(&mut self) -> io::Result<()> {
         self.flush_output()
     }

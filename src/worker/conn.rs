@@ -74,6 +74,9 @@ pub struct Flags {
     pub over_limit: bool,
     /// Close once the output buffer is written.
     pub close_after_flush: bool,
+    /// Its last output tells the client why it is closed: once closed, the socket lingers so the
+    /// client reads it (`linger`).
+    pub linger: bool,
     /// The 5.0 client wants reason strings (request problem information).
     pub problem_info: bool,
     /// Not read until its output drains below half of `max_output_bytes`.

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use mio::{Interest, Token};
 
 use super::conn::{CloseKind, Conn, ConnKey, ConnOutlet, OutAliases, OUT_ALIASES_MAX};
@@ -112,6 +112,7 @@ impl Worker {
         }
         c.send(&Packet::ConnAck(Box::new(ack)));
         c.flags.close_after_flush = true;
+        c.flags.linger = true;
         self.mark_dirty(k);
     }
 
@@ -266,6 +267,8 @@ impl Worker {
             }
             c.send(&Packet::Disconnect(Box::new(d)));
         }
+        // A DISCONNECT, or the CONNACK of an unsupported protocol level, waits to be read.
+        c.flags.linger = !c.wbuf.is_empty();
         let kind = if code == ReasonCode::SESSION_TAKEN_OVER { CloseKind::TakenOver } else { CloseKind::Abnormal };
         self.close(k, kind);
     }
@@ -291,8 +294,13 @@ impl Worker {
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         let bridge = c.bridge;
         if !c.wbuf.is_empty() {
-            let _ = c.transport.write(&c.wbuf);
-            c.wbuf = BytesMut::new();
+            let written = c.transport.write(&c.wbuf).unwrap_or(0);
+            if c.flags.linger {
+                // The rest is written while the socket lingers.
+                c.wbuf.advance(written);
+            } else {
+                c.wbuf = BytesMut::new();
+            }
         }
         let _ = c.transport.flush_pending();
         log::debug!("worker {}: connection {} from {} closed ({kind:?})", self.id, k.0, c.peer());

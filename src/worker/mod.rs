@@ -22,6 +22,7 @@ mod deliver;
 mod flow;
 mod inbound;
 mod limits;
+mod linger;
 mod mail;
 mod mailbox;
 mod persist;
@@ -216,6 +217,8 @@ pub struct Worker {
     persist: Option<Box<persist::WorkerStore>>,
     /// The bridges this worker runs (those whose local session is homed here).
     bridges: Vec<bridge::Bridge>,
+    /// Closed connections whose client is still reading the reason (`linger`).
+    lingering: linger::Lingering,
 }
 
 impl Worker {
@@ -264,6 +267,7 @@ impl Worker {
             auth: auth::AuthState::default(),
             persist,
             bridges: Vec::new(),
+            lingering: linger::Lingering::default(),
             shared,
         }
     }
@@ -294,6 +298,7 @@ impl Worker {
                 match ev.token() {
                     WAKER => {}
                     t if listener_index(t).is_some() => self.accept(LISTENERS - t.0),
+                    t if linger::Lingering::is_token(t) => self.lingering.ready(self.poll.registry(), t),
                     Token(k) => {
                         let k = ConnKey(k);
                         let Some(uid) = self.conns.get(k).map(|c| c.uid) else { continue };
@@ -302,14 +307,14 @@ impl Worker {
                         }
                         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                         if readable && self.conns.alive(k, uid) {
-                            self.read_conn(k, uid);
+                            self.read_or_wait(k, uid);
                         }
                     }
                 }
             }
             for (k, uid) in std::mem::take(&mut self.turn.more_to_read) {
                 if self.conns.alive(k, uid) {
-                    self.read_conn(k, uid);
+                    self.read_or_wait(k, uid);
                 }
             }
             self.take_mail();
@@ -322,6 +327,17 @@ impl Worker {
             }
             self.fire_timers();
             self.end_turn();
+        }
+    }
+
+    /// Reads a connection, unless a SUBSCRIBE or CONNECT read this turn waits for the turn's
+    /// mail: then it is read next turn, so whatever it sends (a PUBLISH for the new subscriber,
+    /// say) is handled after the packets that arrived before it, as a single loop would.
+    fn read_or_wait(&mut self, k: ConnKey, uid: u64) {
+        if self.turn.deferred.is_empty() {
+            self.read_conn(k, uid);
+        } else {
+            self.turn.more_to_read.push((k, uid));
         }
     }
 
@@ -417,6 +433,7 @@ impl Worker {
                 Timer::Session(sk, uid) => self.session_timer(SessionKey(sk), uid),
                 Timer::Stall(sk, uid) => self.stall_check(SessionKey(sk), uid),
                 Timer::Partial(k, uid) => self.partial_timer(ConnKey(k), uid),
+                Timer::Linger(n, uid) => self.lingering.expire(self.poll.registry(), n, uid),
             }
         }
         if self.clock.ms >= self.sys.next_tick_ms {

@@ -19,6 +19,8 @@ pub enum Timer {
     Stall(usize, u64),
     /// Whether a connection sits silent in the middle of a packet (`partial_packet_timeout`).
     Partial(usize, u64),
+    /// The end of a closed connection's lingering (`linger`).
+    Linger(usize, u64),
 }
 
 impl Timer {

@@ -8,6 +8,7 @@ use bytes::{Buf, BytesMut};
 use mio::{Interest, Token};
 
 use super::conn::{CloseKind, ConnKey};
+use super::timers::Timer;
 use super::{Worker, READS_PER_TURN, READ_CHUNK};
 use crate::codec::{
     decode, next_frame, packet_type, parse_fixed_header, DecodeError, Packet, ProtocolVersion, PublishRef,
@@ -323,6 +324,12 @@ impl Worker {
         for k in std::mem::take(&mut self.turn.closed) {
             let Some(c) = self.conns.remove(k) else { continue };
             let mut transport = c.transport;
+            if c.flags.linger && self.lingering.has_room() {
+                if let Some((n, uid)) = self.lingering.start(self.poll.registry(), transport, c.wbuf) {
+                    self.timers.arm(self.clock.ms + super::linger::LINGER_MS, Timer::Linger(n, uid));
+                }
+                continue;
+            }
             let _ = self.poll.registry().deregister(transport.source());
         }
     }
