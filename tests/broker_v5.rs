@@ -642,3 +642,56 @@ fn max_keepalive_is_the_server_keep_alive_for_5_0_and_refuses_longer_3_1_1_keep_
         b.shutdown();
     }
 }
+
+/// The reason code reaches a client that is still talking when the broker disconnects it. The
+/// client exceeds the receive maximum [MQTT-3.3.4-7], goes on writing 512 KiB more, and only then
+/// reads, answering each PUBREC with PUBREL as a QoS 2 client does [MQTT-4.3.3]. Had the broker
+/// closed at once, with those bytes unread, its kernel would have reset the connection, and the
+/// client's first PUBREL would fail (EPIPE) before it reached the DISCONNECT, which is how the
+/// Paho suite's client never sees the reason. tern writes what it owes, shuts its side and drains
+/// what the client sends, so every PUBREL is taken and DISCONNECT 0x93 is read, then the end of
+/// the stream. Another client on the broker is not disturbed.
+#[test]
+fn a_client_still_sending_when_disconnected_reads_the_reason_code() {
+    for w in WORKER_COUNTS {
+        let b = start(w);
+        let addr = b.local_addr();
+        let (mut c, _) = Client::connect_with(addr, connect5("greedy", true, Properties::default()));
+        let mut burst = bytes::BytesMut::new();
+        for i in 1..=33 {
+            let mut m = publish5("q2", QoS::ExactlyOnce, b"x", Properties::default());
+            m.packet_id = Some(pid(i));
+            Packet::Publish(m).encode(V5, &mut burst);
+        }
+        // Still talking: PINGREQs the broker will never answer, 512 KiB of them, in the same write.
+        burst.extend(std::iter::repeat_n([0xC0u8, 0x00], 256 * 1024).flatten());
+        c.send_raw(&burst).unwrap();
+        // Read only once the broker has had every chance to close the connection.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut recs = 0;
+        loop {
+            match c.recv() {
+                Packet::PubRec(a) => {
+                    recs += 1;
+                    let mut rel = bytes::BytesMut::new();
+                    Packet::PubRel(Ack::new(a.packet_id)).encode(V5, &mut rel);
+                    if let Err(e) = c.send_raw(&rel) {
+                        panic!("PUBREL {recs} refused ({e}) before the DISCONNECT was read");
+                    }
+                }
+                Packet::Disconnect(d) => {
+                    assert_eq!(d.reason, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(recs, 32, "a PUBREC for each message within the receive maximum");
+        assert!(c.expect_closed().is_empty(), "nothing after the DISCONNECT but the end of the stream");
+        let (mut other, _) = Client::connect_with(addr, connect5("calm", true, Properties::default()));
+        other.subscribe("calm/t", QoS::AtLeastOnce);
+        other.publish("calm/t", "ok", QoS::AtLeastOnce, false);
+        assert_eq!(&other.recv_publish().payload[..], b"ok");
+        b.shutdown();
+    }
+}

@@ -155,21 +155,22 @@ impl Transport {
         self.source().shutdown(std::net::Shutdown::Write)
     }
 
-    /// Reads and throws away what the socket has, up to `limit` bytes: `Ok(0)` at end of stream.
-    pub fn discard(&mut self, limit: usize) -> io::Result<usize> {
+    /// Reads and throws away what the socket has, at most `limit` bytes, until it would block.
+    /// Returns the bytes thrown away and whether the stream ended.
+    pub fn discard(&mut self, limit: usize) -> io::Result<(usize, bool)> {
         let mut scratch = [0u8; 16 * 1024];
         let mut total = 0;
         while total < limit {
-            match self.source().read(&mut scratch) {
-                Ok(0) if total == 0 => return Ok(0),
-                Ok(0) => return Ok(total),
+            let room = scratch.len().min(limit - total);
+            match self.source().read(&mut scratch[..room]) {
+                Ok(0) => return Ok((total, true)),
                 Ok(n) => total += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && total > 0 => return Ok(total),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, false)),
                 Err(e) => return Err(e),
             }
         }
-        Ok(total)
+        Ok((total, false))
     }
 
     /// The username a client certificate gives, on a listener with `use_identity_as_username`.

@@ -224,9 +224,7 @@ pub struct ConnOutlet<'a> {
     pub version: ProtocolVersion,
     pub max_output: usize,
     pub now: std::time::Instant,
-    /// PUBLISH packets written (for `$SYS/broker/messages/sent`).
-    pub sent: u64,
-    /// The same by QoS, and their payload bytes.
+    /// PUBLISH packets written by QoS, and their payload bytes (for `$SYS` and `/metrics`).
     pub sent_qos: [u64; 3],
     pub sent_bytes: [u64; 3],
     pub latency: &'a mut crate::metrics::latency::Latency,
@@ -240,7 +238,7 @@ impl<'a> ConnOutlet<'a> {
         now: std::time::Instant,
         latency: &'a mut crate::metrics::latency::Latency,
     ) -> Self {
-        ConnOutlet { conn, version, max_output, now, sent: 0, sent_qos: [0; 3], sent_bytes: [0; 3], latency }
+        ConnOutlet { conn, version, max_output, now, sent_qos: [0; 3], sent_bytes: [0; 3], latency }
     }
 }
 
@@ -251,11 +249,12 @@ impl Outlet for ConnOutlet<'_> {
 
     fn publish(&mut self, id: PacketId, d: &Delivery, dup: bool) -> bool {
         let ok = self.conn.write_delivery(self.version, d, Some(id), dup, self.now);
-        self.sent += ok as u64;
-        self.sent_qos[d.qos as usize] += ok as u64;
-        self.sent_bytes[d.qos as usize] += if ok { d.msg.payload.len() as u64 } else { 0 };
-        if ok && !dup {
-            self.latency.note(d.msg.read_at, 1);
+        if ok {
+            self.sent_qos[d.qos as usize] += 1;
+            self.sent_bytes[d.qos as usize] += d.msg.payload.len() as u64;
+            if !dup {
+                self.latency.note(d.msg.read_at, 1);
+            }
         }
         ok
     }

@@ -159,7 +159,6 @@ impl Worker {
             Some(s) => (!s.is_empty()).then_some(s),
             None => p.properties.as_deref(),
         };
-        self.counters.messages_received += 1;
         self.counters.received_qos[p.qos as usize] += 1;
         self.counters.received_bytes[p.qos as usize] += p.payload.len() as u64;
         if p.qos != QoS::AtMostOnce && self.store_failed() {

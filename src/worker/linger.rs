@@ -1,12 +1,13 @@
 //! Connections the broker ended after telling the client why: a DISCONNECT with a reason code, a
-//! refusing CONNACK. Closing such a socket at once loses the reason: the kernel answers whatever
-//! the client is still sending (or has sent and we did not read) with a reset, and a reset makes
-//! the client's stack drop the DISCONNECT it had not read yet, so the client sees `ECONNRESET` or
-//! `EPIPE` instead of, say, 0x93. So the socket lingers: the rest of its output is written, the
-//! transport's own end (TLS close_notify, WebSocket Close) follows, the write side is shut (FIN),
-//! and what the client still sends is read and thrown away until it closes too, for at most
-//! `LINGER_MS` and `LINGER_BYTES`. Nothing read here is handled: the connection is already closed
-//! for the protocol, its session detached.
+//! refusing CONNACK. Closing such a socket at once, with input from the client not yet read, makes
+//! the kernel reset the connection, and so does the client's next write after the close: the
+//! client's write then fails with `ECONNRESET` or `EPIPE`, and a client that is still sending (a
+//! PUBREL for each PUBREC, say) fails on that write before it reads the reason waiting for it. So
+//! the socket lingers: the rest of its output is written, the transport's own end (TLS
+//! close_notify, WebSocket Close) follows, the write side is shut (FIN), and what the client still
+//! sends is read and thrown away until it closes too, for at most `LINGER_MS` and `LINGER_BYTES`.
+//! Nothing read here is handled: the connection is already closed for the protocol, its session
+//! detached.
 //!
 //! Lingering sockets are bounded per worker (`MAX_LINGERING`); past it a connection closes at once.
 
@@ -45,9 +46,10 @@ pub struct Lingering {
     next_uid: u64,
 }
 
-/// What a lingering socket needs next.
+/// Whether a lingering socket is done with.
+#[derive(PartialEq)]
 enum Step {
-    Wait(Interest),
+    Wait,
     Done,
 }
 
@@ -60,40 +62,29 @@ impl Lingering {
         t.0 >= TOKEN_BASE && t.0 < TOKEN_BASE + MAX_LINGERING
     }
 
-    /// Takes over a closed connection's socket (already registered with `registry`); returns the
-    /// (key, uid) to arm its deadline with, or None when it is finished already.
+    /// Takes over a closed connection's socket (already registered with `registry`): polled for
+    /// both directions from now on (edge-triggered, so a shut write side costs at most one
+    /// spurious wake-up). Returns the (key, uid) to arm its deadline with, or None when it is
+    /// done already.
     pub fn start(&mut self, registry: &Registry, transport: Transport, out: BytesMut) -> Option<(usize, u64)> {
         self.next_uid += 1;
         let uid = self.next_uid;
         let key = self.slab.insert(Linger { transport, out, finished: false, shut: false, left: LINGER_BYTES, uid });
         let l = &mut self.slab[key];
-        match step(l) {
-            Step::Done => {
-                self.end(registry, key);
-                None
-            }
-            Step::Wait(interest) => {
-                let token = Token(TOKEN_BASE + key);
-                if registry.reregister(l.transport.source(), token, interest).is_err() {
-                    self.end(registry, key);
-                    return None;
-                }
-                Some((key, uid))
-            }
+        let token = Token(TOKEN_BASE + key);
+        let both = Interest::READABLE | Interest::WRITABLE;
+        if registry.reregister(l.transport.source(), token, both).is_err() || step(l) == Step::Done {
+            self.end(registry, key);
+            return None;
         }
+        Some((key, uid))
     }
 
     /// The socket of lingering `token` is ready.
     pub fn ready(&mut self, registry: &Registry, token: Token) {
         let key = token.0 - TOKEN_BASE;
-        let Some(l) = self.slab.get_mut(key) else { return };
-        match step(l) {
-            Step::Done => self.end(registry, key),
-            Step::Wait(interest) => {
-                if registry.reregister(l.transport.source(), token, interest).is_err() {
-                    self.end(registry, key);
-                }
-            }
+        if self.slab.get_mut(key).is_some_and(|l| step(l) == Step::Done) {
+            self.end(registry, key);
         }
     }
 
@@ -141,22 +132,15 @@ fn step(l: &mut Linger) -> Step {
         }
     }
     // Read what the client sends meanwhile: unread input is what turns a close into a reset.
-    loop {
-        match l.transport.discard(l.left) {
-            Ok(0) => return Step::Done,
-            Ok(n) => {
-                l.left -= n;
-                if l.left == 0 {
-                    return Step::Done;
-                }
+    match l.transport.discard(l.left) {
+        Ok((n, ended)) => {
+            l.left -= n;
+            if ended || l.left == 0 {
+                Step::Done
+            } else {
+                Step::Wait
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(_) => return Step::Done,
         }
-    }
-    if l.shut {
-        Step::Wait(Interest::READABLE)
-    } else {
-        Step::Wait(Interest::READABLE | Interest::WRITABLE)
+        Err(_) => Step::Done,
     }
 }

@@ -144,14 +144,12 @@ struct Scratch {
 /// Plain per-worker counters, copied into `Shared::stats` once per tick.
 #[derive(Default)]
 pub struct Counters {
-    pub messages_received: u64,
-    pub messages_sent: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub publish_dropped: u64,
     /// Messages not delivered, by cause (`metrics::Drop`).
     pub drops: [u64; crate::metrics::DROPS],
-    /// PUBLISH packets received by QoS, and their payload bytes.
+    /// PUBLISH packets received by QoS, and their payload bytes (the totals are their sums).
     pub received_qos: [u64; 3],
     pub received_bytes: [u64; 3],
     /// PUBLISH packets sent by QoS (as delivered, after downgrade), and their payload bytes.
@@ -166,7 +164,6 @@ impl Counters {
     /// `n` copies of a `payload`-byte message sent at `qos`.
     #[inline]
     pub fn sent(&mut self, qos: QoS, n: u64, payload: usize) {
-        self.messages_sent += n;
         self.sent_qos[qos as usize] += n;
         self.sent_bytes[qos as usize] += n * payload as u64;
     }
@@ -174,7 +171,6 @@ impl Counters {
     /// What a `ConnOutlet` wrote.
     #[inline]
     pub fn sent_through(&mut self, out: &conn::ConnOutlet<'_>) {
-        self.messages_sent += out.sent;
         for q in 0..3 {
             self.sent_qos[q] += out.sent_qos[q];
             self.sent_bytes[q] += out.sent_bytes[q];

@@ -42,8 +42,8 @@ impl Worker {
         self.latency.publish(&self.shared.latency[self.id]);
         let s = &self.shared.stats[self.id];
         let c = &self.counters;
-        s.messages_received.store(c.messages_received, Ordering::Relaxed);
-        s.messages_sent.store(c.messages_sent, Ordering::Relaxed);
+        s.messages_received.store(c.received_qos.iter().sum(), Ordering::Relaxed);
+        s.messages_sent.store(c.sent_qos.iter().sum(), Ordering::Relaxed);
         s.bytes_received.store(c.bytes_received, Ordering::Relaxed);
         s.bytes_sent.store(c.bytes_sent, Ordering::Relaxed);
         s.publish_dropped.store(c.publish_dropped + self.mailbox.dropped, Ordering::Relaxed);
