@@ -354,7 +354,7 @@ impl Default for Config {
             pin_workers: true,
             log_level: "info".into(),
             max_connections: 100_000,
-            max_packet_size: 1 << 20,
+            max_packet_size: 8 << 20,
             max_inflight_messages: 32,
             max_queued_messages: 1000,
             max_output_bytes: 1 << 20,

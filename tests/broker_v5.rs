@@ -41,7 +41,7 @@ fn connack_advertises_what_the_server_supports() {
         let p = &ack.properties;
         assert!(p.assigned_client_identifier.as_ref().is_some_and(|id| !id.is_empty()), "[MQTT-3.2.2-16]");
         assert_eq!(p.receive_maximum, Some(32));
-        assert_eq!(p.maximum_packet_size, Some(1 << 20));
+        assert_eq!(p.maximum_packet_size, Some(8 << 20), "the default max_packet_size");
         assert_eq!(p.topic_alias_maximum, Some(32));
         assert_eq!(p.retain_available, Some(1));
         assert_eq!(p.wildcard_subscription_available, Some(1));

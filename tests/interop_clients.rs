@@ -163,3 +163,61 @@ fn mosquitto_pub_and_sub_work_against_tern() {
         b.shutdown();
     }
 }
+
+/// The default `max_packet_size` (8 MiB) carries a 1 MiB camera frame: mosquitto_pub sends it
+/// from a file at every QoS over 3.1.1 and 5.0, retained, and mosquitto_sub gets it back byte for
+/// byte. A packet past the limit gets DISCONNECT 0x95 (5.0: the server's Maximum Packet Size,
+/// [MQTT-3.2.2-15] holds the client to it; past it "Packet too large").
+#[test]
+fn mosquitto_clients_carry_a_1_mib_frame_and_an_8_mib_packet_is_refused() {
+    if !mosquitto_clients() {
+        return;
+    }
+    use tern::codec::{Packet as P, ProtocolVersion, QoS as Q, ReasonCode};
+    for w in WORKER_COUNTS {
+        let b = start(w);
+        let port = b.local_addr().port().to_string();
+        let dir = std::env::temp_dir().join(format!("tern-frame-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let frame: Vec<u8> = (0..1usize << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let file = dir.join("frame.jpg");
+        std::fs::write(&file, &frame).unwrap();
+        for version in ["mqttv311", "mqttv5"] {
+            for qos in ["0", "1", "2"] {
+                let topic = format!("cam/{version}/{qos}");
+                let st = Command::new("mosquitto_pub")
+                    .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos, "-r", "-t", &topic])
+                    .arg("-f")
+                    .arg(&file)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "mosquitto_pub -f 1 MiB -q {qos} -V {version}, workers={w}");
+                let out = Command::new("mosquitto_sub")
+                    .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos, "-t", &topic])
+                    .args(["-C", "1", "-N", "-W", "20"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "mosquitto_sub got the frame: -q {qos} -V {version}, workers={w}");
+                assert!(out.stdout == frame, "{} bytes back, not the 1 MiB frame sent", out.stdout.len());
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Just under the limit passes; just over is refused from its header.
+        let addr = b.local_addr();
+        let (mut c, ack) = common::Client::connect_v(addr, "big", true, ProtocolVersion::V5);
+        assert_eq!(ack.properties.maximum_packet_size, Some(8 << 20));
+        c.publish("cam/near", vec![7u8; (8 << 20) - 64], Q::AtLeastOnce, false);
+        // Refused from its fixed header: the first 64 KiB are enough to be told.
+        let over =
+            P::Publish(tern::codec::Publish::new("cam/over", Q::AtMostOnce, bytes::Bytes::from(vec![7u8; 8 << 20])));
+        let mut wire = bytes::BytesMut::new();
+        over.encode(ProtocolVersion::V5, &mut wire);
+        c.send_raw(&wire[..64 << 10]).unwrap();
+        let seen = c.expect_closed();
+        assert!(
+            seen.iter().any(|p| matches!(p, P::Disconnect(d) if d.reason == ReasonCode::PACKET_TOO_LARGE)),
+            "expected DISCONNECT 0x95, saw {seen:?}"
+        );
+        b.shutdown();
+    }
+}
