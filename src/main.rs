@@ -11,11 +11,12 @@ use tern::{Broker, Config};
 static ALLOC: tern::alloc::Counting = tern::alloc::Counting;
 
 const CONFIG_HELP: &str = "\
-Configuration file keys (TOML; README.md has each with its default and what happens past it):
-  bind, port                      the plain MQTT listener (default 127.0.0.1:1883)
+Configuration file keys (TOML; README.md has each with its default and what happens past it).
+A mosquitto.conf is read too (-c /etc/mosquitto/mosquitto.conf; --print-config shows its TOML):
+  bind, port, plain_listener      the plain MQTT listener (default 127.0.0.1:1883; false: none)
   workers, pin_workers            event loops (0 = one per core), pinned to cores
-  log_level                       error, warn, info, debug, trace, off
-  max_connections, connect_timeout, max_packet_size, max_inflight_messages,
+  log_level, log_file, pid_file   error, warn, info, debug, trace, off; log to a file; pid file
+  max_connections, connect_timeout, max_packet_size, message_size_limit, max_inflight_messages,
   max_queued_messages, max_queued_bytes, max_output_bytes, max_sessions,
   max_subscriptions_per_client, max_subscription_bytes_per_client, max_subscription_bytes,
   max_retained_messages, max_retained_bytes, max_partial_bytes, partial_packet_timeout,
@@ -41,9 +42,13 @@ Signals: SIGINT/SIGTERM stop cleanly (wills published); SIGHUP re-reads TLS cert
 #[derive(Parser, Debug)]
 #[command(version, about, after_long_help = CONFIG_HELP)]
 struct Cli {
-    /// Configuration file (TOML). Without one, tern listens on 127.0.0.1:1883.
+    /// Configuration file: TOML, or mosquitto's mosquitto.conf (a name ending in .conf). Without
+    /// one, tern listens on 127.0.0.1:1883.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
+    /// Print the configuration in effect (the file and flags) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Port to listen on (overrides the file).
     #[arg(short = 'p', long)]
     port: Option<u16>,
@@ -149,6 +154,17 @@ fn passwd(cmd: Cmd) -> ExitCode {
     }
 }
 
+/// Removes the pid file when `main` returns.
+struct PidFile(Option<PathBuf>);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if let Some(cmd) = cli.command.take() {
@@ -180,7 +196,41 @@ fn main() -> ExitCode {
         eprintln!("tern: {e}");
         return ExitCode::from(2);
     }
-    env_logger::Builder::new().parse_filters(&config.log_level).parse_default_env().format_timestamp_millis().init();
+    if cli.print_config {
+        return match toml::to_string(&config) {
+            Ok(text) => {
+                let from = cli.config.as_ref().map_or("defaults".to_string(), |p| p.display().to_string());
+                print!("# tern configuration from {from}\n{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tern: cannot print the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut logger = env_logger::Builder::new();
+    logger.parse_filters(&config.log_level).parse_default_env().format_timestamp_millis();
+    if let Some(path) = &config.log_file {
+        match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => {
+                logger.target(env_logger::Target::Pipe(Box::new(f)));
+            }
+            Err(e) => {
+                eprintln!("tern: log file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    logger.init();
+    let pid_file = config.pid_file.clone();
+    if let Some(path) = &pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            log::error!("pid file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let _remove_pid_file = PidFile(pid_file);
     // Past a file-size limit (ulimit -f) a write fails with EFBIG instead of killing the broker:
     // the store then refuses what it cannot keep (see Persistence).
     let ignored = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -695,3 +695,47 @@ fn a_client_still_sending_when_disconnected_reads_the_reason_code() {
         b.shutdown();
     }
 }
+
+/// mosquitto's `message_size_limit`: a larger payload is not delivered, its QoS flow completes
+/// (5.0: PUBACK / PUBREC 0x83; 3.1.1 cannot say it). A failing PUBREC ends a QoS 2 flow, so its
+/// packet id takes no room in the receive maximum: 40 of them in a row (the maximum is 32) are
+/// each refused, never DISCONNECT 0x93 [MQTT-4.3.3-4] [MQTT-3.3.4-7].
+#[test]
+fn message_size_limit_refuses_the_payload_and_completes_the_flow() {
+    for w in WORKER_COUNTS {
+        let b = start_with(Config { message_size_limit: 100, ..config(w) });
+        let addr = b.local_addr();
+        let (mut sub, _) = Client::connect_with(addr, connect5("size-sub", true, Properties::default()));
+        sub.subscribe("size/#", QoS::ExactlyOnce);
+        let (mut c, _) = Client::connect_with(addr, connect5("size-pub", true, Properties::default()));
+        let big = Bytes::from(vec![b'x'; 101]);
+        let id = c.id();
+        c.send(&Packet::Publish(Publish {
+            packet_id: Some(id),
+            ..Publish::new("size/1", QoS::AtLeastOnce, big.clone())
+        }));
+        let Packet::PubAck(a) = c.recv_where(|p| matches!(p, Packet::PubAck(_))) else { unreachable!() };
+        assert_eq!((a.packet_id, a.reason), (id, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR));
+        for _ in 0..40 {
+            let id = c.id();
+            c.send(&Packet::Publish(Publish {
+                packet_id: Some(id),
+                ..Publish::new("size/2", QoS::ExactlyOnce, big.clone())
+            }));
+            let Packet::PubRec(r) = c.recv_where(|p| matches!(p, Packet::PubRec(_))) else { unreachable!() };
+            assert_eq!((r.packet_id, r.reason), (id, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR));
+        }
+        c.publish("size/ok", vec![b'y'; 100], QoS::ExactlyOnce, false);
+        let (mut old, _) = Client::connect(addr, "size-311", true);
+        old.publish("size/3", big.clone(), QoS::AtLeastOnce, false); // acknowledged, dropped
+        old.publish("size/ok311", vec![b'z'; 100], QoS::AtLeastOnce, false);
+        let m = sub.recv_publish();
+        assert_eq!((&m.topic[..], m.payload.len()), ("size/ok", 100));
+        sub.ack(&m);
+        let m = sub.recv_publish();
+        assert_eq!(&m.topic[..], "size/ok311", "nothing over the limit was delivered");
+        sub.ack(&m);
+        sub.expect_silence(Duration::from_millis(200));
+        b.shutdown();
+    }
+}

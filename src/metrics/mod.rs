@@ -24,13 +24,15 @@ pub enum Drop {
     Expired,
     /// The ACL denied the publisher's write, or a wildcard subscriber's read of this topic.
     Acl,
+    /// A payload over `message_size_limit`.
+    Size,
 }
 
-pub const DROPS: usize = 6;
+pub const DROPS: usize = 7;
 
 impl Drop {
     pub const ALL: [Drop; DROPS] =
-        [Drop::OutputBound, Drop::QueueBound, Drop::QueueBytes, Drop::Memory, Drop::Expired, Drop::Acl];
+        [Drop::OutputBound, Drop::QueueBound, Drop::QueueBytes, Drop::Memory, Drop::Expired, Drop::Acl, Drop::Size];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +42,7 @@ impl Drop {
             Drop::Memory => "memory_limit",
             Drop::Expired => "expired",
             Drop::Acl => "acl",
+            Drop::Size => "message_size_limit",
         }
     }
 

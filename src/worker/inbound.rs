@@ -190,9 +190,21 @@ impl Worker {
         };
         let mut matched = true;
         let mut denied = false;
+        let mut too_big = false;
         let mut stamp = 0;
+        let size_limit = self.shared.config.message_size_limit;
         if unmapped || topic.starts_with("$SYS") {
             // Clients do not publish into the broker's own statistics: acknowledged, dropped.
+        } else if size_limit != 0 && p.payload.len() > size_limit {
+            // mosquitto's `message_size_limit`: the flow completes, nothing is delivered (5.0:
+            // the acknowledgement says 0x83; PUBACK and PUBREC have no "too large").
+            log::debug!(
+                "client {}: dropped a {} byte payload (message_size_limit)",
+                self.sessions[sk].client_id,
+                p.payload.len()
+            );
+            self.counters.dropped(crate::metrics::Drop::Size);
+            too_big = true;
         } else if !self.may(sk, topic, crate::auth::acl::Access::Write) {
             // No write access: not delivered (5.0: the acknowledgement says 0x87; 3.1.1 has no
             // way to say it, so it is acknowledged and dropped, as mosquitto does).
@@ -226,6 +238,8 @@ impl Worker {
         }
         let reason = if v5 && denied {
             ReasonCode::NOT_AUTHORIZED
+        } else if v5 && too_big {
+            ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR
         } else if v5 && p.qos != QoS::AtMostOnce && !matched {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
@@ -233,7 +247,15 @@ impl Worker {
         };
         let ack = match (p.qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => Packet::PubAck(Ack { reason, ..Ack::new(id) }),
-            (QoS::ExactlyOnce, Some(id)) => Packet::PubRec(Ack { reason, ..Ack::new(id) }),
+            (QoS::ExactlyOnce, Some(id)) => {
+                if reason.0 >= 0x80 && self.sessions[sk].release_qos2(id) {
+                    // A failing PUBREC ends the flow: no PUBREL follows, the id is free again
+                    // and takes no room in the receive maximum (a PUBREL follows only
+                    // a PUBREC below 0x80 [MQTT-4.3.3-4]).
+                    self.touch_meta(sk);
+                }
+                Packet::PubRec(Ack { reason, ..Ack::new(id) })
+            }
             _ => return,
         };
         if stamp != 0 {

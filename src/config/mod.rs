@@ -1,29 +1,43 @@
-//! Broker configuration: a TOML file, then command-line flags over it. Every field has a default
-//! that works with no file at all; an unknown key or a bad value is an error naming the key.
+//! Broker configuration: a TOML file (or mosquitto's `mosquitto.conf`, see [`mosquitto`]), then
+//! command-line flags over it. Every field has a default that works with no file at all; an
+//! unknown key or a bad value is an error naming the key.
+
+pub mod mosquitto;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address to listen on.
     pub bind: IpAddr,
     /// TCP port; 0 picks a free one (tests).
     pub port: u16,
+    /// The plain MQTT listener at `bind`:`port`; `false`: only the `[[listener]]` ones.
+    pub plain_listener: bool,
     /// Event-loop threads; 0 means one per core.
     pub workers: usize,
     /// Pin each worker to a core.
     pub pin_workers: bool,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
+    /// Log to this file (appended) instead of standard error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    /// Write the broker's process id here at start, removed at a clean exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
     /// Connections held at once, over all workers; more are refused.
     pub max_connections: usize,
     /// Largest packet accepted from a client, in bytes.
     pub max_packet_size: u32,
+    /// Largest PUBLISH payload accepted, bytes (mosquitto's name; 0: only `max_packet_size`).
+    /// A larger one is not delivered; its QoS flow completes (5.0: with reason 0x83).
+    pub message_size_limit: usize,
     /// QoS 1/2 messages sent to a client and not yet acknowledged.
     pub max_inflight_messages: u16,
     /// QoS 1/2 messages queued per session beyond the inflight window (also while offline).
@@ -80,21 +94,27 @@ pub struct Config {
     /// s for seconds; `never` keeps them forever.
     pub persistent_client_expiration: String,
     /// More listeners (`[[listener]]`), beside the plain one at `bind`:`port`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listener: Vec<ListenerConfig>,
     /// `[[bridge]]`: outgoing connections to other brokers (see `Bridging` in the README).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bridge: Vec<BridgeConfig>,
     /// mosquitto's password file (`mosquitto_passwd` or `tern passwd`): `user:$7$...` lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
     /// Clients without a username may connect. Unset: only while every listener is on loopback
     /// and there is no `password_file` (mosquitto 2.0's rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
     /// mosquitto's ACL file: who may read and write which topics.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acl_file: Option<PathBuf>,
     /// `off` (nothing on disk), `periodic` (written behind the traffic, synced every
     /// `persistence_interval`) or `durable` (a QoS 1/2 PUBLISH is acknowledged once it and its
     /// queue entries are synced).
     pub persistence: String,
     /// The directory of the store (`tern.redb`); needed unless `persistence` is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub persistence_location: Option<PathBuf>,
     /// Seconds between syncs in `periodic` mode.
     pub persistence_interval: u64,
@@ -102,7 +122,7 @@ pub struct Config {
 
 /// One `[[bridge]]`: a connection tern dials to another broker, with mosquitto's meaning for
 /// topic directions and prefixes.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeConfig {
     pub name: String,
@@ -112,13 +132,19 @@ pub struct BridgeConfig {
     #[serde(default = "default_bridge_version")]
     pub protocol_version: u8,
     /// Defaults to `tern-bridge-<name>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// With `cafile` the connection is TLS, the remote's certificate checked against it;
     /// `certfile` and `keyfile` add a client certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cafile: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub certfile: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub keyfile: Option<PathBuf>,
     /// Start a new session on the remote at each connection (default: keep it).
     #[serde(default)]
@@ -136,7 +162,7 @@ fn default_bridge_keepalive() -> u16 {
     60
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Addresses {
     One(String),
@@ -154,7 +180,7 @@ impl Addresses {
 
 /// A topic rule of a bridge: `pattern` with `local_prefix` is the local topic filter, with
 /// `remote_prefix` the remote one; a message crossing loses one prefix and gains the other.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeTopic {
     pub pattern: String,
@@ -168,7 +194,7 @@ pub struct BridgeTopic {
     pub remote_prefix: String,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Local messages go to the remote.
@@ -248,7 +274,7 @@ impl BridgeConfig {
 }
 
 /// What a listener speaks.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -259,21 +285,26 @@ pub enum Protocol {
 }
 
 /// One `[[listener]]`, with mosquitto's key names. With `certfile` and `keyfile` it is TLS.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub port: u16,
     /// Defaults to the top-level `bind`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<IpAddr>,
     #[serde(default)]
     pub protocol: Protocol,
     /// CA certificates (PEM) that client certificates must chain to.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cafile: Option<PathBuf>,
     /// The server's certificate chain (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub certfile: Option<PathBuf>,
     /// The server's private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub keyfile: Option<PathBuf>,
     /// Revoked client certificates (PEM CRLs), checked with `cafile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub crlfile: Option<PathBuf>,
     /// A client certificate signed by `cafile` is required.
     #[serde(default)]
@@ -350,11 +381,15 @@ impl Default for Config {
         Config {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 1883,
+            plain_listener: true,
             workers: 0,
             pin_workers: true,
             log_level: "info".into(),
+            log_file: None,
+            pid_file: None,
             max_connections: 100_000,
             max_packet_size: 8 << 20,
+            message_size_limit: 0,
             max_inflight_messages: 32,
             max_queued_messages: 1000,
             max_output_bytes: 1 << 20,
@@ -395,12 +430,19 @@ pub enum ConfigError {
     Parse { path: String, err: String },
     #[error("invalid value for `{key}`: {why}")]
     Invalid { key: &'static str, why: String },
+    #[error("{file} line {line}: `{option}`: {why}")]
+    Mosquitto { file: String, line: usize, option: String, why: String },
 }
 
 impl Config {
+    /// Reads a TOML file, or a mosquitto.conf: a name ending in `.conf`, or any other name but
+    /// `.toml` whose first setting has no `=` and is not a `[table]`.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        if mosquitto::looks_like(path, &text) {
+            return mosquitto::parse(path, &text);
+        }
         Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { err, .. } => ConfigError::Parse { path: path.display().to_string(), err },
             other => other,
@@ -464,6 +506,9 @@ impl Config {
         if self.partial_packet_timeout == 0 {
             return bad("partial_packet_timeout", "must be at least 1 second");
         }
+        if !self.plain_listener && self.listener.iter().all(|l| l.protocol == Protocol::Http) {
+            return bad("plain_listener", "false needs at least one MQTT [[listener]]");
+        }
         if self.max_partial_bytes < self.max_packet_size as usize {
             return bad("max_partial_bytes", "must be at least max_packet_size");
         }
@@ -522,9 +567,13 @@ impl Config {
         SocketAddr::new(self.bind, self.port)
     }
 
-    /// Every listener: the plain one at `bind`:`port` first, then `[[listener]]` in order.
+    /// Every listener: the plain one at `bind`:`port` first (unless `plain_listener` is false),
+    /// then `[[listener]]` in order.
     pub fn listeners(&self) -> Vec<ListenerConfig> {
-        let mut all = vec![ListenerConfig::plain(self.bind, self.port)];
+        let mut all = Vec::new();
+        if self.plain_listener {
+            all.push(ListenerConfig::plain(self.bind, self.port));
+        }
         all.extend(
             self.listener.iter().map(|l| ListenerConfig { bind: Some(l.bind.unwrap_or(self.bind)), ..l.clone() }),
         );
