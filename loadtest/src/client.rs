@@ -44,6 +44,8 @@ struct Client {
     next_pid: u16,
     seq: u64,
     closed: bool,
+    /// When the connection was opened, for the CONNECT -> CONNACK latency of `conns`.
+    opened_at: Instant,
 }
 
 impl Client {
@@ -64,6 +66,7 @@ impl Client {
             next_pid: 0,
             seq: 0,
             closed: false,
+            opened_at: Instant::now(),
         };
         let persistent = args.persistent && matches!(c.role, Role::Subscriber { .. });
         let login = args.username.as_deref().map(|u| (u, args.password.as_deref().unwrap_or("")));
@@ -120,9 +123,32 @@ struct Tally {
     duplicates: u64,
     lost: u64,
     last_rx: Instant,
+    /// Shared subscriptions: every message must reach one member, so what was seen is kept per
+    /// publisher over all subscribers (a bit per sequence number), not per subscriber.
+    shared_seen: Option<Vec<Vec<u64>>>,
 }
 
-/// Which publishers each subscriber hears, by scenario.
+impl Tally {
+    fn new(shared_publishers: Option<usize>) -> Tally {
+        Tally {
+            base: Instant::now(),
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"),
+            received: 0,
+            duplicates: 0,
+            lost: 0,
+            last_rx: Instant::now(),
+            shared_seen: shared_publishers.map(|n| vec![Vec::new(); n]),
+        }
+    }
+}
+
+/// The payload's first 16 bytes: when the message was due (ns since the run's base), the
+/// publisher's sequence number and the publisher's index. 16 B is the Open MQTT Benchmark
+/// Suite's message size.
+pub const STAMP: usize = 16;
+
+/// Which publishers each subscriber hears, by scenario. In `sharedsub` the subscribers share
+/// one group: each message reaches one of them.
 fn plan(args: &RunArgs) -> (Vec<String>, Vec<(String, Vec<usize>)>) {
     let p = |default| args.publishers.unwrap_or(default);
     match args.scenario {
@@ -143,6 +169,13 @@ fn plan(args: &RunArgs) -> (Vec<String>, Vec<(String, Vec<usize>)>) {
                 (0..n).map(|i| (format!("lt/pair/{i}"), vec![i])).collect(),
             )
         }
+        Scenario::Sharedsub => {
+            // The suite's topics test/1 ... test/N under one shared filter.
+            let n = p(1000);
+            let s = args.subscribers.unwrap_or(5);
+            let pubs = (1..=n).map(|i| format!("test/{i}")).collect();
+            (pubs, (0..s).map(|_| ("$share/perf/test/#".to_string(), (0..n).collect())).collect())
+        }
         Scenario::Conns => (vec![], vec![]),
     }
 }
@@ -151,9 +184,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if args.scenario == Scenario::Conns {
         return conns(&args);
     }
-    if args.size < 20 {
-        return Err("--size must be at least 20 bytes".into());
+    if args.size < STAMP {
+        return Err(format!("--size must be at least {STAMP} bytes"));
     }
+    let shared = args.scenario == Scenario::Sharedsub;
     let addr = args.addr();
     let (pub_topics, subs) = plan(&args);
     let npub = pub_topics.len();
@@ -178,14 +212,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             .register(c.link.source(), Token(i), Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| e.to_string())?;
     }
-    let mut tally = Tally {
-        base: Instant::now(),
-        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"),
-        received: 0,
-        duplicates: 0,
-        lost: 0,
-        last_rx: Instant::now(),
-    };
+    let mut tally = Tally::new(shared.then_some(npub));
     let mut events = Events::with_capacity(1024);
 
     // Phase 1: everyone connected and subscribed.
@@ -212,7 +239,19 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         if publishing {
             for c in clients[first_pub..].iter_mut() {
                 let Role::Publisher { index, ref topic } = c.role else { continue };
-                let due = if rate > 0.0 { ((now - t0).as_secs_f64() * per_pub_rate) as u64 + 1 } else { u64::MAX };
+                // At a fixed rate each publisher keeps its own phase, spread evenly over the
+                // period, as independent devices are: in lockstep they would measure a burst.
+                let phase = index as f64 / npub as f64;
+                let due = if rate > 0.0 {
+                    let periods = (now - t0).as_secs_f64() * per_pub_rate - phase;
+                    if periods < 0.0 {
+                        0
+                    } else {
+                        periods as u64 + 1
+                    }
+                } else {
+                    u64::MAX
+                };
                 while c.seq < due
                     && (args.count == 0 || c.seq < args.count)
                     && c.pending() < WRITE_HIGH
@@ -220,11 +259,14 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                 {
                     // Latency counts from when the message was due, not when it went out:
                     // a stalled broker cannot hide its stall (no coordinated omission).
-                    let stamp =
-                        if rate > 0.0 { t0 + Duration::from_secs_f64(c.seq as f64 / per_pub_rate) } else { now };
+                    let stamp = if rate > 0.0 {
+                        t0 + Duration::from_secs_f64((c.seq as f64 + phase) / per_pub_rate)
+                    } else {
+                        now
+                    };
                     payload[..8].copy_from_slice(&((stamp - tally.base).as_nanos() as u64).to_le_bytes());
-                    payload[8..16].copy_from_slice(&c.seq.to_le_bytes());
-                    payload[16..20].copy_from_slice(&(index as u32).to_le_bytes());
+                    payload[8..12].copy_from_slice(&(c.seq as u32).to_le_bytes());
+                    payload[12..16].copy_from_slice(&(index as u32).to_le_bytes());
                     let pid = if args.qos > 0 {
                         c.next_pid = c.next_pid % 65535 + 1;
                         c.next_pid
@@ -241,7 +283,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             }
         }
         let all_counted = args.count > 0 && clients[first_pub..].iter().all(|c| c.seq >= args.count);
-        let expected: u64 = expected_receipts(&clients, first_pub, &subs);
+        let expected: u64 = expected_receipts(&clients, first_pub, &subs, shared);
         let acked = clients[first_pub..].iter().all(|c| c.inflight == 0);
         if !publishing || all_counted {
             let quiet = now.duration_since(tally.last_rx.max(end.min(now))) > Duration::from_millis(500);
@@ -262,11 +304,12 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         let _ = c.flush();
     }
     // Loss: what each subscriber never saw, from the publishers' final sequence numbers.
-    let expected = expected_receipts(&clients, first_pub, &subs);
+    let expected = expected_receipts(&clients, first_pub, &subs, shared);
     let missing = expected.saturating_sub(tally.received);
     let elapsed = tally.last_rx.max(end.min(tally.last_rx)).duration_since(t0).max(Duration::from_millis(1));
     let outcome = Outcome {
         scenario: format!("{:?}", args.scenario).to_lowercase(),
+        case: args.case_name(),
         label: args.label.clone(),
         mqtt: if args.v5() { "5".into() } else { "3.1.1".into() },
         qos: args.qos,
@@ -301,7 +344,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn expected_receipts(clients: &[Client], first_pub: usize, subs: &[(String, Vec<usize>)]) -> u64 {
+fn expected_receipts(clients: &[Client], first_pub: usize, subs: &[(String, Vec<usize>)], shared: bool) -> u64 {
+    if shared {
+        return clients[first_pub..].iter().map(|c| c.seq).sum();
+    }
     subs.iter().map(|(_, pubs)| pubs.iter().map(|&p| clients[first_pub + p].seq).sum::<u64>()).sum()
 }
 
@@ -366,6 +412,9 @@ fn handle_frames(c: &mut Client, tally: &mut Tally, args: &RunArgs) -> Result<()
                     return Err(format!("CONNACK refused with code {code:#04x}"));
                 }
                 c.connected = true;
+                if matches!(c.role, Role::Idle) {
+                    let _ = tally.hist.record((now - c.opened_at).as_nanos().max(1) as u64);
+                }
             }
             Frame::SubAck { codes } => {
                 if codes.iter().any(|&x| x >= 0x80) {
@@ -374,13 +423,26 @@ fn handle_frames(c: &mut Client, tally: &mut Tally, args: &RunArgs) -> Result<()
                 c.subscribed = true;
             }
             Frame::Publish { qos, packet_id, payload } => {
-                if payload.len() >= 20 {
+                if payload.len() >= STAMP {
                     let stamp = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-                    let seq = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
-                    let publisher = u32::from_le_bytes(payload[16..20].try_into().expect("4 bytes")) as usize;
+                    let seq = u32::from_le_bytes(payload[8..12].try_into().expect("4 bytes")) as u64;
+                    let publisher = u32::from_le_bytes(payload[12..16].try_into().expect("4 bytes")) as usize;
                     let latency = (now - tally.base).as_nanos() as u64;
                     let _ = tally.hist.record(latency.saturating_sub(stamp).max(1));
-                    if let Role::Subscriber { next_seq, .. } = &mut c.role {
+                    if let Some(seen) = tally.shared_seen.as_mut() {
+                        if let Some(bits) = seen.get_mut(publisher) {
+                            let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+                            if bits.len() <= word {
+                                bits.resize(word + 1, 0);
+                            }
+                            if bits[word] & bit != 0 {
+                                tally.duplicates += 1;
+                            } else {
+                                bits[word] |= bit;
+                                tally.received += 1;
+                            }
+                        }
+                    } else if let Role::Subscriber { next_seq, .. } = &mut c.role {
                         if let Some(next) = next_seq.get_mut(publisher) {
                             if seq < *next {
                                 tally.duplicates += 1;
@@ -421,7 +483,8 @@ fn conns(args: &RunArgs) -> Result<(), String> {
         return conns_multi(args);
     }
     let rss_before = args.broker_pid.and_then(report::rss_bytes);
-    let (opened, secs, _held) = open_idle(args)?;
+    let cpu_before = args.broker_pid.and_then(report::cpu_seconds);
+    let (opened, secs, _held, hist) = open_idle(args)?;
     if args.child {
         println!("ready {opened} {secs}");
         let _ = io::stdout().flush();
@@ -431,7 +494,11 @@ fn conns(args: &RunArgs) -> Result<(), String> {
         return Ok(());
     }
     std::thread::sleep(Duration::from_secs_f64(args.hold));
-    finish_conns(args, opened, secs, rss_before)
+    let cpu = match (cpu_before, args.broker_pid.and_then(report::cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    finish_conns(args, opened, secs, rss_before, Some(hist), cpu)
 }
 
 fn conns_multi(args: &RunArgs) -> Result<(), String> {
@@ -476,7 +543,7 @@ fn conns_multi(args: &RunArgs) -> Result<(), String> {
         secs = secs.max(parts[2].parse::<f64>().unwrap_or(0.0));
     }
     std::thread::sleep(Duration::from_secs_f64(args.hold));
-    let r = finish_conns(args, opened, secs, rss_before);
+    let r = finish_conns(args, opened, secs, rss_before, None, None);
     for mut child in children {
         drop(child.stdin.take());
         let _ = child.wait();
@@ -484,7 +551,16 @@ fn conns_multi(args: &RunArgs) -> Result<(), String> {
     r
 }
 
-fn finish_conns(args: &RunArgs, opened: usize, secs: f64, rss_before: Option<u64>) -> Result<(), String> {
+/// Reports a `conns` run; `hist` holds CONNECT -> CONNACK times, `cpu` the broker's CPU seconds
+/// while connecting and holding.
+fn finish_conns(
+    args: &RunArgs,
+    opened: usize,
+    secs: f64,
+    rss_before: Option<u64>,
+    hist: Option<Histogram<u64>>,
+    cpu: Option<f64>,
+) -> Result<(), String> {
     let rss_after = args.broker_pid.and_then(report::rss_bytes);
     let per_conn = match (rss_before, rss_after) {
         (Some(a), Some(b)) if opened > 0 => Some(b.saturating_sub(a) as f64 / opened as f64),
@@ -492,12 +568,16 @@ fn finish_conns(args: &RunArgs, opened: usize, secs: f64, rss_before: Option<u64
     };
     let outcome = Outcome {
         scenario: "conns".into(),
+        case: args.case_name(),
         label: args.label.clone(),
         mqtt: if args.v5() { "5".into() } else { "3.1.1".into() },
         connections: Some(opened),
         connect_rate: Some(opened as f64 / secs.max(1e-6)),
         rss_per_connection: per_conn,
         broker_rss: rss_after,
+        hist,
+        broker_cpu_s: cpu,
+        offered_rate: args.rate.unwrap_or(0.0),
         ..Outcome::default()
     };
     report::emit(&outcome, args.json.as_deref())?;
@@ -507,26 +587,24 @@ fn finish_conns(args: &RunArgs, opened: usize, secs: f64, rss_before: Option<u64
     Ok(())
 }
 
-/// Opens `args.connections` idle MQTT connections; returns (opened, seconds taken, clients).
-fn open_idle(args: &RunArgs) -> Result<(usize, f64, Vec<Client>), String> {
+/// Opens `args.connections` idle MQTT connections (at `--rate` per second if given); returns
+/// (opened, seconds taken, clients, CONNECT -> CONNACK times).
+fn open_idle(args: &RunArgs) -> Result<(usize, f64, Vec<Client>, Histogram<u64>), String> {
     let addr = args.addr();
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut events = Events::with_capacity(1024);
     let mut clients: Vec<Client> = Vec::with_capacity(args.connections);
-    let mut tally = Tally {
-        base: Instant::now(),
-        hist: Histogram::new(3).expect("histogram"),
-        received: 0,
-        duplicates: 0,
-        lost: 0,
-        last_rx: Instant::now(),
-    };
+    let mut tally = Tally::new(None);
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(120);
+    // At `--rate` connections per second the run takes connections / rate seconds.
+    let rate = args.rate.unwrap_or(0.0);
+    let paced = if rate > 0.0 { args.connections as f64 / rate } else { 0.0 };
+    let deadline = start + Duration::from_secs_f64(120.0 + paced);
     let id = std::process::id();
     let mut connected = 0;
     while connected < args.connections {
-        while clients.len() < args.connections && clients.len() - connected < 500 {
+        let due = if rate > 0.0 { (start.elapsed().as_secs_f64() * rate) as usize + 1 } else { usize::MAX };
+        while clients.len() < args.connections && clients.len() - connected < 500 && clients.len() < due {
             let mut c = Client::open(addr, Role::Idle, &format!("lt-{id}-c{}", clients.len()), args, 256)
                 .map_err(|e| format!("connect: {e}"))?;
             poll.registry()
@@ -534,11 +612,12 @@ fn open_idle(args: &RunArgs) -> Result<(usize, f64, Vec<Client>), String> {
                 .map_err(|e| e.to_string())?;
             clients.push(c);
         }
-        step(&mut poll, &mut events, &mut clients, &mut tally, args, Duration::from_millis(5))?;
+        let wait = if rate > 0.0 { Duration::from_millis(1) } else { Duration::from_millis(5) };
+        step(&mut poll, &mut events, &mut clients, &mut tally, args, wait)?;
         connected = clients.iter().filter(|c| c.connected).count();
         if Instant::now() > deadline {
             break;
         }
     }
-    Ok((connected, start.elapsed().as_secs_f64(), clients))
+    Ok((connected, start.elapsed().as_secs_f64(), clients, tally.hist))
 }

@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run one load scenario against a broker.
     Run(RunArgs),
+    /// Run an Open MQTT Benchmark Suite use case by name, at the rates the suite defines, scaled
+    /// to one edge box (names: publishers-subscribers-topics-delivered rate; conn: count-rate).
+    Suite(SuiteArgs),
     /// Mutated packets from many connections with random client ids, and a healthy pair that
     /// must keep working (loopback only).
     Fuzz(fuzz::FuzzArgs),
@@ -65,6 +68,85 @@ pub enum Scenario {
     Latency,
     /// N idle connections with keepalive: connect rate and broker RSS per connection.
     Conns,
+    /// P publishers on test/1 ... test/P -> S subscribers sharing `$share/perf/test/#` (MQTT 5).
+    Sharedsub,
+}
+
+/// The Open MQTT Benchmark Suite's use cases (EMQ, 2023), at sizes one edge box takes: QoS 1,
+/// 16-byte payloads, keep alive 300, clean sessions, every publisher at its own phase.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SuiteCase {
+    /// 1,000 publishers -> 1,000 subscribers on 1,000 topics, 1 msg/s each: 1,000 msg/s.
+    #[value(name = "p2p-1K-1K-1K-1K")]
+    P2p,
+    /// 1 publisher -> 1,000 subscribers of 1 topic, 1 msg/s: 1,000 deliveries/s.
+    #[value(name = "fanout-1-1k-1-1K")]
+    Fanout,
+    /// 1,000 publishers on test/1..1000 -> 5 subscribers sharing $share/perf/test/#, MQTT 5,
+    /// 1 msg/s each: 1,000 msg/s.
+    #[value(name = "sharedsub-1K-5-1K-1K")]
+    Sharedsub,
+    /// 10,000 connections at 100 per second, held.
+    #[value(name = "conn-tcp-10k-100")]
+    Conn,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct SuiteArgs {
+    #[arg(value_enum)]
+    pub case: SuiteCase,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Seconds of publishing (the suite runs 30 minutes).
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Seconds the connections of conn-tcp-10k-100 are held once open.
+    #[arg(long, default_value_t = 10.0)]
+    pub hold: f64,
+    #[arg(long)]
+    pub pin: Option<usize>,
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    #[arg(long, default_value = "broker")]
+    pub label: String,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl SuiteArgs {
+    /// The `run` arguments the use case stands for.
+    pub fn run_args(&self) -> RunArgs {
+        let mut argv: Vec<String> = vec!["tern-loadtest".into(), "run".into()];
+        let mut add = |a: &[&str]| argv.extend(a.iter().map(|s| s.to_string()));
+        match self.case {
+            SuiteCase::P2p => add(&["pairs", "--pairs", "1000", "--rate", "1000"]),
+            SuiteCase::Fanout => add(&["fanout", "--subscribers", "1000", "--rate", "1"]),
+            SuiteCase::Sharedsub => {
+                add(&["sharedsub", "--publishers", "1000", "--subscribers", "5", "--rate", "1000", "--mqtt", "5"])
+            }
+            SuiteCase::Conn => add(&["conns", "--connections", "10000", "--rate", "100"]),
+        }
+        add(&["--qos", "1", "--size", "16", "--keepalive", "300", "--drain", "10"]);
+        let duration = self.duration.to_string();
+        let hold = self.hold.to_string();
+        let port = self.port.to_string();
+        add(&["--duration", &duration, "--hold", &hold, "--host", &self.host, "--port", &port]);
+        add(&["--label", &self.label]);
+        if let Some(p) = self.pin {
+            add(&["--pin", &p.to_string()]);
+        }
+        if let Some(p) = self.broker_pid {
+            add(&["--broker-pid", &p.to_string()]);
+        }
+        if let Some(j) = &self.json {
+            add(&["--json", &j.display().to_string()]);
+        }
+        let Command::Run(mut args) = Cli::parse_from(&argv).command else { unreachable!("a run command") };
+        args.suite = Some(self.case);
+        args
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +167,7 @@ pub struct RunArgs {
     pub port: u16,
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
-    /// Payload bytes (at least 20: timestamp, sequence, publisher).
+    /// Payload bytes (at least 16: timestamp, sequence, publisher).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Seconds of publishing.
@@ -167,6 +249,9 @@ pub struct RunArgs {
     /// Internal: run as a `conns` helper process.
     #[arg(long, hide = true)]
     pub child: bool,
+    /// Set by `suite`: the use case this run is, named in the report.
+    #[arg(skip)]
+    pub suite: Option<SuiteCase>,
 }
 
 impl RunArgs {
@@ -175,6 +260,10 @@ impl RunArgs {
     }
     pub fn v5(&self) -> bool {
         self.mqtt == MqttVersion::V5
+    }
+    /// The suite use case's name, when the run is one.
+    pub fn case_name(&self) -> Option<String> {
+        self.suite.and_then(|c| c.to_possible_value()).map(|v| v.get_name().to_string())
     }
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.duration)
@@ -188,6 +277,15 @@ fn main() {
             if let Some(cpu) = args.pin {
                 let ok = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
                 if !ok {
+                    eprintln!("tern-loadtest: cannot pin to CPU {cpu}");
+                }
+            }
+            client::run(args)
+        }
+        Command::Suite(suite) => {
+            let args = suite.run_args();
+            if let Some(cpu) = args.pin {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
                     eprintln!("tern-loadtest: cannot pin to CPU {cpu}");
                 }
             }

@@ -164,7 +164,10 @@ pub fn summarize(input: &Path, out: &Path, first: &str, second: &str) -> Result<
         let v: Vec<f64> = rows
             .iter()
             .filter(|r| scenario_key(r) == k && r["label"] == label)
-            .filter_map(|r| r[field].as_f64())
+            .filter_map(|r| match field {
+                "broker_rss_mib" => r["broker_rss"].as_f64().map(|b| b / 1048576.0),
+                _ => r[field].as_f64(),
+            })
             .collect();
         (!v.is_empty()).then(|| median(v))
     };
@@ -177,7 +180,30 @@ pub fn summarize(input: &Path, out: &Path, first: &str, second: &str) -> Result<
     let mut md = String::new();
     md.push_str(&format!("| scenario | figure | {first} | {second} | {first}/{second} |\n|---|---|---:|---:|---:|\n"));
     for k in &keys {
-        let figures: &[(&str, &str, usize)] = if k.starts_with("conns") {
+        let suite_case = rows.iter().any(|r| r["case"].as_str() == Some(k.as_str()));
+        let figures: &[(&str, &str, usize)] = if suite_case && k.starts_with("conn-") {
+            &[
+                ("connections", "connections held", 0),
+                ("connect_rate", "connects/s", 0),
+                ("p50_us", "CONNECT → CONNACK p50 (µs)", 1),
+                ("p99_us", "CONNECT → CONNACK p99 (µs)", 1),
+                ("broker_cpu_s", "broker CPU-s, connecting and holding", 2),
+                ("broker_rss_mib", "broker RSS (MiB)", 1),
+                ("rss_per_connection", "broker RSS per connection (bytes)", 0),
+            ]
+        } else if suite_case {
+            &[
+                ("throughput", "delivered msg/s", 0),
+                ("lost", "QoS 1 messages lost", 0),
+                ("duplicates", "duplicates", 0),
+                ("p50_us", "p50 latency (µs)", 1),
+                ("p90_us", "p90 latency (µs)", 1),
+                ("p99_us", "p99 latency (µs)", 1),
+                ("p999_us", "p99.9 latency (µs)", 1),
+                ("broker_cpu_s", "broker CPU-s over the run", 2),
+                ("broker_rss_mib", "broker RSS (MiB)", 1),
+            ]
+        } else if k.starts_with("conns") {
             &[
                 ("connections", "connections held", 0),
                 ("connect_rate", "connects/s", 0),
@@ -217,6 +243,9 @@ pub fn summarize(input: &Path, out: &Path, first: &str, second: &str) -> Result<
 }
 
 fn scenario_key(r: &serde_json::Value) -> String {
+    if let Some(case) = r["case"].as_str() {
+        return case.to_string();
+    }
     let s = r["scenario"].as_str().unwrap_or("");
     if s == "conns" {
         return "conns".into();

@@ -9,6 +9,8 @@ use hdrhistogram::Histogram;
 #[derive(Default)]
 pub struct Outcome {
     pub scenario: String,
+    /// The Open MQTT Benchmark Suite use case, when the run is one.
+    pub case: Option<String>,
     pub label: String,
     pub mqtt: String,
     pub qos: u8,
@@ -44,6 +46,10 @@ pub fn emit(o: &Outcome, file: Option<&Path>) -> Result<(), String> {
     let mut put = |k: &str, v: serde_json::Value| {
         m.insert(k.to_string(), v);
     };
+    if let Some(case) = &o.case {
+        println!("use case {case}");
+        put("case", case.as_str().into());
+    }
     if o.scenario == "conns" {
         let conns = o.connections.unwrap_or(0);
         let rate = o.connect_rate.unwrap_or(0.0);
@@ -57,6 +63,24 @@ pub fn emit(o: &Outcome, file: Option<&Path>) -> Result<(), String> {
             o.broker_rss.map_or("-".into(), |r| (r / 1024).to_string()),
             o.rss_per_connection.map_or("-".into(), |r| format!("{r:.0} B")),
         );
+        if let Some(h) = o.hist.as_ref().filter(|h| !h.is_empty()) {
+            println!(
+                "  CONNECT -> CONNACK us: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+                us(h, 0.5),
+                us(h, 0.9),
+                us(h, 0.99),
+                h.max() as f64 / 1000.0
+            );
+            put("p50_us", us(h, 0.5).into());
+            put("p90_us", us(h, 0.9).into());
+            put("p99_us", us(h, 0.99).into());
+            put("max_us", (h.max() as f64 / 1000.0).into());
+        }
+        if let Some(cpu) = o.broker_cpu_s {
+            println!("  broker CPU {cpu:.2} s");
+        }
+        put("broker_cpu_s", o.broker_cpu_s.into());
+        put("offered_rate", o.offered_rate.into());
         put("connections", conns.into());
         put("connect_rate", rate.into());
         put("broker_rss", o.broker_rss.into());

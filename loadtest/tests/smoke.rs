@@ -31,6 +31,11 @@ fn every_scenario_runs_against_an_in_process_broker() {
         (&["pairs", "--pairs", "4", "--qos", "1", "--mqtt", "5", "--rate", "4000"][..], "pairs"),
         (&["fanin", "--qos", "0", "--rate", "2000"][..], "fanin"),
         (&["latency", "--qos", "1", "--rate", "2000"][..], "latency"),
+        (
+            &["sharedsub", "--publishers", "20", "--subscribers", "3", "--qos", "1", "--mqtt", "5", "--rate", "2000"][..],
+            "sharedsub",
+        ),
+        (&["pairs", "--pairs", "10", "--qos", "1", "--size", "16", "--rate", "1000"][..], "pairs"),
     ] {
         let r = run(port, args);
         assert_eq!(r["scenario"], scenario);
@@ -45,5 +50,24 @@ fn every_scenario_runs_against_an_in_process_broker() {
     let r = run(port, &["conns", "--connections", "200", "--hold", "0.2"]);
     assert_eq!(r["connections"], 200);
     assert!(r["connect_rate"].as_f64().unwrap() > 0.0);
+    // Paced: 200 connections at 400/s take about half a second; CONNACK times are recorded.
+    let r = run(port, &["conns", "--connections", "200", "--rate", "400", "--hold", "0.2"]);
+    assert_eq!(r["connections"], 200);
+    assert!(r["connect_rate"].as_f64().unwrap() < 600.0, "{r}");
+    assert!(r["p99_us"].as_f64().unwrap() > 0.0);
+    // A suite use case by name: 1,000 pairs at 1 msg/s each, QoS 1, 16 B, for 2 s.
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-loadtest"))
+        .args(["suite", "p2p-1K-1K-1K-1K", "--duration", "2", "--port", &port.to_string()])
+        .output()
+        .expect("tern-loadtest runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "suite p2p failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(
+        (r["case"].as_str(), r["publishers"].as_u64(), r["size"].as_u64()),
+        (Some("p2p-1K-1K-1K-1K"), Some(1000), Some(16))
+    );
+    assert_eq!(r["lost"], 0);
+    assert!(r["received"].as_u64().unwrap() >= 1000, "{r}");
     broker.shutdown();
 }
