@@ -5,15 +5,24 @@
 //! `PAHO_INTEROP`); without it these tests say so and pass, as nothing of it is part of tern.
 //!
 //! Known gaps, each allowed to fail (and reported) until it is closed; every other test must pass:
-//! - 5.0 `test_subscribe_options`, `test_request_response` with more than one worker: the suite
-//!   publishes from one client right after another's SUBSCRIBE, without waiting for its SUBACK.
-//!   On one worker a connection read after a SUBSCRIBE of the same turn waits for the next turn,
-//!   so they pass; across workers the new filter reaches the publisher's worker before the SUBACK,
-//!   not before that PUBLISH.
+//! - 5.0 `test_subscribe_options` with more than one worker: the suite publishes from one client
+//!   right after another's SUBSCRIBE, waiting on the wrong client's SUBACK (`callback` for
+//!   `callback2`). On one worker a connection read after a SUBSCRIBE of the same turn waits for the
+//!   next turn, and a worker takes its peers' mail before it reads its sockets, so a new filter
+//!   announced before a PUBLISH is read applies to it (`test_request_response`, the same pattern,
+//!   passed 15 of 15 runs with 4 workers); but when the publisher's worker reads the PUBLISH before
+//!   the subscriber's worker has read the SUBSCRIBE, nothing orders the two connections (release
+//!   build, 4 workers on 2 cores: 3 of 6 runs pass). After the SUBACK delivery is guaranteed.
 //! - 5.0 `test_subscribe_failure`: the suite's own 5.0 client refuses a SUBACK reason code other
 //!   than 0, 1, 2 or 0x80; tern refuses a subscription the ACL denies with 0x87 (Not authorized),
-//!   which [MQTT-3.9.3] provides for.
-const KNOWN_GAPS: [&str; 3] = ["test_subscribe_options", "test_request_response", "test_subscribe_failure"];
+//!   which [MQTT-3.9.3] provides for (as VerneMQ does; mosquitto grants it and filters delivery).
+///
+/// (test, fewest workers at which it may fail).
+const KNOWN_GAPS: [(&str, usize); 2] = [("test_subscribe_options", 2), ("test_subscribe_failure", 1)];
+
+fn known_gap(test: &str, workers: usize) -> bool {
+    KNOWN_GAPS.iter().any(|&(t, from)| t == test && workers >= from)
+}
 
 mod common;
 
@@ -126,10 +135,10 @@ fn paho_interoperability_5_0_pass_but_the_known_gaps() {
     for workers in WORKER_COUNTS {
         let (n, failed) = run_suite(&dir, "client_test5.py", workers);
         assert_eq!(n, 27, "the 5.0 suite has 27 tests");
-        let unexpected: Vec<_> = failed.iter().filter(|t| !KNOWN_GAPS.contains(&t.as_str())).collect();
+        let unexpected: Vec<_> = failed.iter().filter(|t| !known_gap(t, workers)).collect();
         eprintln!(
             "5.0, {workers} workers: known gaps that failed this run: {:?}",
-            failed.iter().filter(|t| KNOWN_GAPS.contains(&t.as_str())).collect::<Vec<_>>()
+            failed.iter().filter(|t| known_gap(t, workers)).collect::<Vec<_>>()
         );
         assert!(unexpected.is_empty(), "5.0, {workers} workers: failed {unexpected:?}");
     }

@@ -290,6 +290,9 @@ impl Worker {
                 }
             }
             self.clock.update();
+            // Mail first: a peer's new interest that arrived with this wake-up applies to the
+            // PUBLISHes read below (arrival order, as one loop would see it).
+            self.take_mail();
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
