@@ -270,25 +270,25 @@ impl RunArgs {
     }
 }
 
+/// Pins the load generator to `cpu`, if given.
+fn pin(cpu: Option<usize>) {
+    if let Some(id) = cpu {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+            eprintln!("tern-loadtest: cannot pin to CPU {id}");
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
-            if let Some(cpu) = args.pin {
-                let ok = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
-                if !ok {
-                    eprintln!("tern-loadtest: cannot pin to CPU {cpu}");
-                }
-            }
+            pin(args.pin);
             client::run(args)
         }
         Command::Suite(suite) => {
             let args = suite.run_args();
-            if let Some(cpu) = args.pin {
-                if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-                    eprintln!("tern-loadtest: cannot pin to CPU {cpu}");
-                }
-            }
+            pin(args.pin);
             client::run(args)
         }
         Command::Fuzz(args) => fuzz::run(args),
