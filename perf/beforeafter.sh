@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two tern builds, alternated on the same machine: fan-out 1->100, fan-in 4->1, 50 pairs QoS 0 and
-# QoS 1 at saturation, one worker pinned to CPU 0, load on CPU 1, loopback only. Prints broker
+# QoS 1 at saturation, one worker (WORKERS=n: n workers) pinned to CPU 0, load on CPU 1, loopback only. Prints broker
 # CPU-seconds per million delivered (median and each run) and delivered/s for each build.
 #
 #   git worktree add /tmp/old <rev> && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/oldtarget cargo build --release -p tern)
@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 
 REPS=${REPS:-3}
 DURATION=${DURATION:-5}
+WORKERS=${WORKERS:-1}
 PORT=${PORT:-18970}
 BEFORE=${BEFORE:?set BEFORE to the other tern binary}
 AFTER=${AFTER:-target/release/tern}
@@ -23,7 +24,7 @@ for rep in $(seq 1 "$REPS"); do
         bin=$BEFORE
         [ "$label" = after ] && bin=$AFTER
         for sc in "fanout --subscribers 100" "fanin --publishers 4" "pairs --pairs 50 --qos 0" "pairs --pairs 50 --qos 1"; do
-            taskset -c 0 "$bin" -p "$PORT" --workers 1 2>/dev/null &
+            taskset -c 0 "$bin" -p "$PORT" --workers "$WORKERS" 2>/dev/null &
             pid=$!
             for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
             # shellcheck disable=SC2086

@@ -33,6 +33,8 @@ pub struct WorkerStats {
     /// walks, wake-ups of sleeping peers, filters announced to peers.
     pub ring_pushes: AtomicU64,
     pub trie_walks: AtomicU64,
+    /// Messages delivered to a subscription read after them (`worker::catchup`).
+    pub caught_up: AtomicU64,
     pub wakeups: AtomicU64,
     pub interest_filters: AtomicU64,
     /// Refusals by byte budget (see `worker::limits`).

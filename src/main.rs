@@ -15,6 +15,7 @@ Configuration file keys (TOML; README.md has each with its default and what happ
 A mosquitto.conf is read too (-c /etc/mosquitto/mosquitto.conf; --print-config shows its TOML):
   bind, port, plain_listener      the plain MQTT listener (default 127.0.0.1:1883; false: none)
   workers, pin_workers            event loops (0 = one per core), pinned to cores
+  arrival_order                   order SUBSCRIBEs and PUBLISHes across workers by arrival
   log_level, log_file, pid_file   error, warn, info, debug, trace, off; log to a file; pid file
   max_connections, connect_timeout, max_packet_size, message_size_limit, max_inflight_messages,
   max_queued_messages, max_queued_bytes, max_output_bytes, max_sessions,
@@ -24,6 +25,7 @@ A mosquitto.conf is read too (-c /etc/mosquitto/mosquitto.conf; --print-config s
   slow_subscriber_policy, sys_interval, allow_zero_length_clientid
   password_file, allow_anonymous  mosquitto's password file (see `tern passwd`), anonymous clients
   acl_file                        mosquitto's ACL file (user, topic, pattern lines)
+  acl_denial_reason               not_authorized (0x87) or unspecified (0x80) for a 5.0 refusal
   persistence, persistence_location, persistence_interval   off, periodic or durable; the store directory
 
 More listeners, each a [[listener]] table (mosquitto's names):

@@ -1,4 +1,5 @@
-//! The multi-worker broker: routing by interest keeps the SUBACK promise across workers, shutdown
+//! The multi-worker broker: routing by interest keeps the SUBACK promise across workers, a
+//! SUBSCRIBE is ordered with other clients' PUBLISHes by arrival, shutdown
 //! survives a takeover storm, and a SUBSCRIBE costs what it matches, not the retained store's size.
 
 mod common;
@@ -37,6 +38,52 @@ fn a_suback_means_publishes_from_any_worker_arrive_1000_rounds() {
         sub.send(&Packet::Unsubscribe(Box::new(u)));
         sub.recv_where(|p| matches!(p, Packet::UnsubAck(a) if a.packet_id == id));
     }
+    assert!(b.is_healthy());
+    assert!(b.shutdown());
+}
+
+/// Without waiting for its SUBACK: a SUBSCRIBE that reached the broker before another client's
+/// PUBLISH gets that message, once, whichever worker reads which first (as one event loop would
+/// order them; the Paho suite's `test_subscribe_options` and `test_request_response` rely on it).
+/// The subscriber's worker may read its SUBSCRIBE after the publisher's worker has routed the
+/// PUBLISH; the kernel's arrival stamps put them back in order (`worker::catchup`).
+#[test]
+fn a_subscribe_that_arrived_first_gets_the_message_without_waiting_for_its_suback() {
+    let b = start(4);
+    let addr = b.local_addr();
+    let (mut sub, _) = Client::connect_v(addr, "early-sub", true, ProtocolVersion::V5);
+    let mut pubs: Vec<Client> = (0..8).map(|i| Client::connect(addr, &format!("early-pub-{i}"), true).0).collect();
+    for round in 0..1000 {
+        let topic = format!("early/{round}");
+        let id = sub.id();
+        let opts = SubscriptionOptions::new(QoS::AtLeastOnce);
+        let s = Subscribe {
+            packet_id: id,
+            filters: vec![(topic.as_str().into(), opts)],
+            properties: Properties::default(),
+        };
+        sub.send(&Packet::Subscribe(Box::new(s)));
+        let qos = if round % 2 == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        pubs[round % 8].publish(&topic, format!("m{round}"), qos, false);
+        let (mut acked, mut got) = (false, false);
+        while !(acked && got) {
+            match sub.recv() {
+                Packet::SubAck(a) if a.packet_id == id => acked = true,
+                Packet::Publish(m) => {
+                    assert_eq!(m.topic, topic.as_str(), "round {round}: once, and only this round's");
+                    assert!(!got, "round {round}: delivered twice");
+                    got = true;
+                    sub.ack(&m);
+                }
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+        let id = sub.id();
+        let u = Unsubscribe { packet_id: id, filters: vec![topic.as_str().into()], properties: Properties::default() };
+        sub.send(&Packet::Unsubscribe(Box::new(u)));
+        sub.recv_where(|p| matches!(p, Packet::UnsubAck(a) if a.packet_id == id));
+    }
+    sub.sync();
     assert!(b.is_healthy());
     assert!(b.shutdown());
 }

@@ -23,6 +23,9 @@ pub struct Config {
     pub workers: usize,
     /// Pin each worker to a core.
     pub pin_workers: bool,
+    /// With more than one worker: a SUBSCRIBE is ordered with other clients' PUBLISHes by when
+    /// they reached the host (kernel arrival stamps), as one event loop would order them.
+    pub arrival_order: bool,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
     /// Log to this file (appended) instead of standard error.
@@ -109,6 +112,10 @@ pub struct Config {
     /// mosquitto's ACL file: who may read and write which topics.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acl_file: Option<PathBuf>,
+    /// What a 5.0 client is told when the ACL refuses its SUBSCRIBE or PUBLISH: `not_authorized`
+    /// (0x87) or `unspecified` (0x80, the spec's code for a server that does not wish to reveal the
+    /// reason). 3.1.1 has only 0x80 for a refused subscription either way.
+    pub acl_denial_reason: String,
     /// `off` (nothing on disk), `periodic` (written behind the traffic, synced every
     /// `persistence_interval`) or `durable` (a QoS 1/2 PUBLISH is acknowledged once it and its
     /// queue entries are synced).
@@ -384,6 +391,7 @@ impl Default for Config {
             plain_listener: true,
             workers: 0,
             pin_workers: true,
+            arrival_order: true,
             log_level: "info".into(),
             log_file: None,
             pid_file: None,
@@ -418,6 +426,7 @@ impl Default for Config {
             password_file: None,
             allow_anonymous: None,
             acl_file: None,
+            acl_denial_reason: "not_authorized".into(),
         }
     }
 }
@@ -490,6 +499,9 @@ impl Config {
         }
         if self.workers > 256 {
             return bad("workers", "at most 256");
+        }
+        if !matches!(self.acl_denial_reason.as_str(), "not_authorized" | "unspecified") {
+            return bad("acl_denial_reason", "expected not_authorized or unspecified");
         }
         if !matches!(self.slow_subscriber_policy.as_str(), "drop" | "disconnect") {
             return bad("slow_subscriber_policy", "expected drop or disconnect");

@@ -64,7 +64,7 @@ pub fn render(shared: &Shared) -> String {
         let n: u64 = stats.iter().map(|s| s.limits[l as usize].load(Ordering::Relaxed)).sum();
         let _ = writeln!(o.0, "tern_limit_refusals_total{{limit=\"{}\"}} {n}", l.name());
     }
-    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 6] = [
+    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 7] = [
         ("tern_worker_messages_received_total", "counter", "PUBLISH packets received, per worker.", |s| {
             &s.messages_received
         }),
@@ -75,6 +75,12 @@ pub fn render(shared: &Shared) -> String {
         }),
         ("tern_worker_ring_pushes_total", "counter", "Mail pushed into peers' rings, per worker.", |s| &s.ring_pushes),
         ("tern_worker_wakeups_total", "counter", "Wake-ups of sleeping peers, per worker.", |s| &s.wakeups),
+        (
+            "tern_worker_caught_up_total",
+            "counter",
+            "Messages delivered to a subscription that arrived before them but was read after them.",
+            |s| &s.caught_up,
+        ),
     ];
     for (name, kind, help, f) in per_worker {
         o.head(name, kind, help);

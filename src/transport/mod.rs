@@ -35,10 +35,10 @@ pub enum Lower {
 }
 
 impl Lower {
-    fn read_raw(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    fn read_raw(&mut self, buf: &mut BytesMut, arrived: &mut u64) -> io::Result<usize> {
         match self {
-            Lower::Tcp(s) => read_into(s, buf),
-            Lower::Tls(t) => t.read_into(buf),
+            Lower::Tcp(s) => read_into(s, buf, arrived),
+            Lower::Tls(t) => t.read_into(buf, arrived),
         }
     }
 
@@ -104,12 +104,13 @@ impl Transport {
     }
 
     /// Appends the MQTT bytes that have arrived to `buf` (reading the socket, decrypting,
-    /// unframing). `Ok(0)`: the client closed; `WouldBlock`: nothing more now.
-    pub fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// unframing). `Ok(0)`: the client closed; `WouldBlock`: nothing more now. `arrived` is set
+    /// to when the last bytes read reached the host (see `recv_stamped`), where the kernel says.
+    pub fn read_into(&mut self, buf: &mut BytesMut, arrived: &mut u64) -> io::Result<usize> {
         match self {
-            Transport::Tcp(s) => read_into(s, buf),
-            Transport::Tls(t) => t.read_into(buf),
-            Transport::Ws(w) => w.read_into(buf),
+            Transport::Tcp(s) => read_into(s, buf, arrived),
+            Transport::Tls(t) => t.read_into(buf, arrived),
+            Transport::Ws(w) => w.read_into(buf, arrived),
         }
     }
 
@@ -207,22 +208,97 @@ impl Transport {
     }
 }
 
-/// Reads into the spare capacity of `buf` without zeroing it first.
-pub fn read_into(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads into the spare capacity of `buf` without zeroing it first; `arrived` as `recv_stamped`.
+pub fn read_into(stream: &mut TcpStream, buf: &mut BytesMut, arrived: &mut u64) -> io::Result<usize> {
     if buf.capacity() == buf.len() {
         buf.reserve(4096);
     }
     let spare = buf.spare_capacity_mut();
-    // SAFETY: `read` only writes into the slice and reports how many bytes it wrote; we expose
-    // exactly those bytes with set_len. u8 has no invalid bit patterns, and TcpStream::read never
-    // reads from the buffer it is given.
+    // SAFETY: `recv_stamped` only writes into the slice and reports how many bytes it wrote; we
+    // expose exactly those bytes with set_len. u8 has no invalid bit patterns.
     let n = unsafe {
         let slice = std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len());
-        stream.read(slice)?
+        recv_stamped(stream, slice, arrived)?
     };
-    // SAFETY: the first n spare bytes were just initialised by read.
+    // SAFETY: the first n spare bytes were just initialised by recvmsg.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
+}
+
+/// Asks the kernel to stamp what arrives on `stream` with the time it reached the host
+/// (`SO_TIMESTAMPNS`), so connections read by different workers can be put in arrival order.
+pub fn stamp_arrivals(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt on a socket we own, with a correctly sized int.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `recv` that also reads the kernel's arrival stamp of the last segment taken (wall clock,
+/// nanoseconds since the epoch) into `arrived`, when the socket asked for stamps and the kernel
+/// gave one; otherwise `arrived` is left as it was.
+pub fn recv_stamped(stream: &TcpStream, out: &mut [u8], arrived: &mut u64) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // Room for one SCM_TIMESTAMPNS (a timespec), aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: out.as_mut_ptr() as *mut libc::c_void, iov_len: out.len() };
+    // SAFETY: zeroed msghdr is a valid empty header; we point it at live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    loop {
+        // SAFETY: every pointer in `msg` refers to a buffer that outlives the call, with its length.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if msg.msg_controllen > 0 {
+            // SAFETY: the kernel filled `control` with well-formed cmsgs up to msg_controllen;
+            // the CMSG_* walk stays within it.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&msg);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                        let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                        *arrived = (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64);
+                    }
+                    c = libc::CMSG_NXTHDR(&msg, c);
+                }
+            }
+        }
+        return Ok(n as usize);
+    }
+}
+
+/// `Read` for rustls over a socket, keeping the arrival stamp.
+pub(crate) struct StampedSocket<'a> {
+    pub sock: &'a mut TcpStream,
+    pub arrived: &'a mut u64,
+}
+
+impl Read for StampedSocket<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        recv_stamped(self.sock, out, self.arrived)
+    }
 }
 
 fn would_block() -> io::Error {

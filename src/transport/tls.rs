@@ -164,7 +164,7 @@ impl TlsStream {
     }
 
     /// Reads and decrypts; answers the handshake as it goes.
-    pub fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    pub fn read_into(&mut self, buf: &mut BytesMut, arrived: &mut u64) -> io::Result<usize> {
         loop {
             // Straight from rustls' plaintext buffer into ours: no scratch to zero per read.
             let mut reader = self.tls.reader();
@@ -179,7 +179,7 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            match self.tls.read_tls(&mut self.sock) {
+            match self.tls.read_tls(&mut super::StampedSocket { sock: &mut self.sock, arrived: &mut *arrived }) {
                 Ok(0) => return Ok(0),
                 Ok(_) => {}
                 Err(e) => return Err(e),

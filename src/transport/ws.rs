@@ -79,7 +79,7 @@ impl WsStream {
         }
     }
 
-    pub fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    pub fn read_into(&mut self, buf: &mut BytesMut, arrived: &mut u64) -> io::Result<usize> {
         loop {
             let State::Open(ctx) = &mut self.state else {
                 self.handshake()?;
@@ -119,7 +119,7 @@ impl WsStream {
                     }
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.fill()? == 0 {
+                    if self.fill(arrived)? == 0 {
                         return Ok(0);
                     }
                 }
@@ -133,8 +133,8 @@ impl WsStream {
     }
 
     /// Reads more raw bytes from below; `Ok(0)` at the end of the stream, `WouldBlock` if none.
-    fn fill(&mut self) -> io::Result<usize> {
-        self.lower.read_raw(&mut self.input)
+    fn fill(&mut self, arrived: &mut u64) -> io::Result<usize> {
+        self.lower.read_raw(&mut self.input, arrived)
     }
 
     /// Reads and answers the HTTP upgrade: `Ok` once open, `WouldBlock` while it is incomplete.
@@ -184,7 +184,7 @@ impl WsStream {
                         let _ = self.flush_output();
                         return Err(invalid("WebSocket upgrade request over 8 KiB"));
                     }
-                    if self.fill()? == 0 {
+                    if self.fill(&mut 0)? == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
                 }

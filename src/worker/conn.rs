@@ -44,6 +44,8 @@ pub struct Conn {
     /// Worker clock milliseconds of the last read, and of the accept.
     pub last_rx: u32,
     pub created: u32,
+    /// When the last bytes read reached the host (kernel stamp, wall clock ns); 0: not known.
+    pub arrived: u64,
     pub flags: Flags,
     /// The client's 5.0 maximum packet size: larger packets are not sent to it.
     pub max_packet_out: usize,
@@ -116,6 +118,7 @@ impl Conn {
             keep_alive: 0,
             last_rx: now,
             created,
+            arrived: 0,
             flags: Flags { over_limit, problem_info: true, ..Flags::default() },
             max_packet_out: usize::MAX,
             aliases: None,

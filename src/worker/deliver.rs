@@ -28,6 +28,8 @@ pub struct View<'a> {
     pub expires_at: Option<Instant>,
     pub stamp: u64,
     pub read_at: Option<Instant>,
+    /// When the PUBLISH reached the host (`Conn::arrived`); 0: not known, or not a client's.
+    pub arrived: u64,
 }
 
 impl View<'_> {
@@ -59,6 +61,7 @@ fn view(m: &Message) -> View<'_> {
         expires_at: m.expires_at,
         stamp: m.stamp,
         read_at: m.read_at,
+        arrived: 0,
     }
 }
 
@@ -85,15 +88,23 @@ impl Worker {
             self.router.peers_matching(m.topic, &mut peers);
         }
         let remote = !peers.is_empty();
+        // Kept a moment for subscriptions that arrived before it but are read after (`catchup`).
+        let listed = self.recent.on && m.arrived != 0 && !m.retain;
+        let seq = self.recent.next_seq(listed);
         for &p in &peers {
             let msg = shared.get_or_insert_with(|| m.to_message()).clone();
             if m.qos != QoS::AtMostOnce {
                 self.mailbox.charge(p as usize);
             }
-            self.mailbox.send(p as usize, Mail::Publish { msg, keep });
+            self.mailbox.send(p as usize, Mail::Publish { msg, keep, seq });
+        }
+        let matched = self.deliver(m, &mut shared) || remote;
+        if listed {
+            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            self.recent.record(m.arrived, seq, &peers, msg);
         }
         self.scratch.peers = peers;
-        self.deliver(m, &mut shared) || remote
+        matched
     }
 
     pub(super) fn deliver_local(&mut self, msg: &Arc<Message>) {

@@ -26,6 +26,15 @@ fn failure(v5: bool, code: ReasonCode) -> ReasonCode {
 }
 
 impl Worker {
+    /// The reason code for an ACL refusal (`acl_denial_reason`).
+    fn acl_denial(&self) -> ReasonCode {
+        if self.shared.config.acl_denial_reason == "unspecified" {
+            ReasonCode::UNSPECIFIED_ERROR
+        } else {
+            ReasonCode::NOT_AUTHORIZED
+        }
+    }
+
     /// Every packet after CONNECT except PUBLISH (which takes the borrowed path).
     pub(super) fn on_packet(&mut self, k: ConnKey, packet: Packet) {
         let Some(sk) = self.conns[k].session else {
@@ -64,7 +73,8 @@ impl Worker {
                 // it arrived; the connection's later packets wait for it.
                 let conn_uid = self.conns[k].uid;
                 self.conns[k].flags.blocked = true;
-                let d = DeferredSubscribe { conn: k, conn_uid, session: sk, subscribe };
+                let arrived = self.conns[k].arrived;
+                let d = DeferredSubscribe { conn: k, conn_uid, arrived, session: sk, subscribe };
                 self.turn.deferred.push(Deferred::Subscribe(d));
             }
             Packet::Unsubscribe(u) => self.on_unsubscribe(k, sk, *u),
@@ -233,11 +243,12 @@ impl Worker {
                     .map(|s| self.clock.now + Duration::from_secs(s as u64)),
                 stamp,
                 read_at: Some(self.clock.now),
+                arrived: self.conns[k].arrived,
             };
             matched = self.route_view(&m, None);
         }
         let reason = if v5 && denied {
-            ReasonCode::NOT_AUTHORIZED
+            self.acl_denial()
         } else if v5 && too_big {
             ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR
         } else if v5 && p.qos != QoS::AtMostOnce && !matched {
@@ -295,7 +306,7 @@ impl Worker {
     /// goes once all of them have acknowledged, so a message published after it, from a client on
     /// any worker, is delivered here.
     fn on_subscribe(&mut self, d: DeferredSubscribe) {
-        let DeferredSubscribe { conn: k, conn_uid, session: sk, subscribe: sub } = d;
+        let DeferredSubscribe { conn: k, conn_uid, arrived, session: sk, subscribe: sub } = d;
         let Subscribe { packet_id, filters, properties } = *sub;
         let v5 = self.sessions[sk].version.is_v5();
         let identifier = properties.subscription_identifiers.first().copied().unwrap_or(0);
@@ -303,6 +314,7 @@ impl Worker {
         let mut retained = Vec::new();
         let mut announce = Vec::new();
         let mut joins = Vec::new();
+        let mut fresh = Vec::new();
         let max_subs = self.shared.config.max_subscriptions_per_client;
         for (filter, opts) in &filters {
             let mut subscription = Subscription { options: *opts, identifier, acl_whole: 0 };
@@ -331,7 +343,7 @@ impl Worker {
             };
             if !self.may_subscribe(sk, &readable) {
                 log::debug!("client {}: no read access through {filter:?}", self.sessions[sk].client_id);
-                codes.push(failure(v5, ReasonCode::NOT_AUTHORIZED));
+                codes.push(failure(v5, self.acl_denial()));
                 continue;
             }
             if self.sessions[sk].access.is_some() {
@@ -365,6 +377,9 @@ impl Worker {
                         self.sessions[sk].subscriptions.insert(filter.clone(), subscription);
                         if r.announce {
                             announce.push(filter.clone());
+                        }
+                        if !r.existed {
+                            fresh.push(filter.clone());
                         }
                         let wanted = match opts.retain_handling {
                             RetainHandling::OnSubscribe => true,
@@ -405,15 +420,19 @@ impl Worker {
         let peers = if announce.is_empty() { 0 } else { self.mailbox.peer_count() };
         let waiting = peers + remote_joins.len();
         if waiting == 0 {
-            return self.finish(then);
+            self.finish(then);
+        } else {
+            let ticket = self.pending.start(waiting, then);
+            if peers > 0 {
+                self.announce(announce, true, Some(ticket));
+            }
+            for (home, key, member) in remote_joins {
+                self.mailbox.send(home, Mail::SharedJoin(Box::new((key, member, ticket))));
+            }
         }
-        let ticket = self.pending.start(waiting, then);
-        if peers > 0 {
-            self.announce(announce, true, Some(ticket));
-        }
-        for (home, key, member) in remote_joins {
-            self.mailbox.send(home, Mail::SharedJoin(Box::new((key, member, ticket))));
-        }
+        // Behind the announcement in each ring: what arrived after this SUBSCRIBE but was routed
+        // before its filters were in place.
+        self.catch_up_subscribe(sk, arrived, fresh);
     }
 
     fn member(&self, sk: SessionKey, sub: Subscription) -> Member {

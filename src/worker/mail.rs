@@ -18,7 +18,8 @@ impl Worker {
 
     fn on_mail(&mut self, from: usize, mail: Mail) {
         match mail {
-            Mail::Publish { msg, keep } => {
+            Mail::Publish { msg, keep, seq } => {
+                self.recent.took(from, seq);
                 if msg.qos != crate::codec::QoS::AtMostOnce {
                     self.mailbox.owe_credit(from);
                 }
@@ -75,6 +76,11 @@ impl Worker {
             }
             Mail::Pause { conn, uid } => self.pause(super::conn::ConnKey(conn as usize), uid),
             Mail::Resume { conn, uid } => self.resume(super::conn::ConnKey(conn as usize), uid),
+            Mail::CatchUpAsk(ask) => self.on_catch_up_ask(*ask),
+            Mail::CatchUp(c) => {
+                let super::catchup::CatchUp { filters, session, uid, msg, seen } = *c;
+                self.catch_up(SessionKey(session as usize), uid, &filters, msg, seen);
+            }
             Mail::Credit { n } => {
                 self.mailbox.credited(from, n);
                 self.feed_starved();

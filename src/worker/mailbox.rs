@@ -32,6 +32,8 @@ pub enum Mail {
     Publish {
         msg: Arc<Message>,
         keep: bool,
+        /// The sender's latest `catchup::Recent` sequence number.
+        seq: u32,
     },
     /// A connection whose client id lives on the receiving worker.
     Handover(Box<Handover>),
@@ -65,6 +67,10 @@ pub enum Mail {
         conn: u32,
         uid: u64,
     },
+    /// A subscription added on the sender asks for the messages that arrived after it (`catchup`).
+    CatchUpAsk(Box<super::catchup::CatchUpAsk>),
+    /// One message a new subscription missed.
+    CatchUp(Box<super::catchup::CatchUp>),
     /// The sender took `n` more QoS 1/2 messages from the receiver's credit window.
     Credit {
         n: u32,
@@ -202,7 +208,7 @@ impl Mailbox {
     fn hold(&mut self, to: usize, mail: Mail) {
         let droppable = match &mail {
             Mail::Publish { msg, .. } => msg.qos == crate::codec::QoS::AtMostOnce,
-            Mail::Handover(_) => true,
+            Mail::Handover(_) | Mail::CatchUp(_) => true,
             _ => false,
         };
         if droppable && self.overflow[to].len() >= OVERFLOW_LIMIT {

@@ -16,6 +16,7 @@
 
 mod auth;
 mod bridge;
+mod catchup;
 mod conn;
 mod connect;
 mod deliver;
@@ -99,6 +100,8 @@ impl Clock {
 pub struct DeferredSubscribe {
     conn: ConnKey,
     conn_uid: u64,
+    /// When it reached the host (`Conn::arrived`).
+    arrived: u64,
     session: SessionKey,
     subscribe: Box<crate::codec::Subscribe>,
 }
@@ -215,6 +218,9 @@ pub struct Worker {
     bridges: Vec<bridge::Bridge>,
     /// Closed connections whose client is still reading the reason (`linger`).
     lingering: linger::Lingering,
+    /// Messages routed in the last moments, for subscriptions that arrived before them but were
+    /// read after them (`catchup`).
+    recent: catchup::Recent,
 }
 
 impl Worker {
@@ -264,6 +270,7 @@ impl Worker {
             persist,
             bridges: Vec::new(),
             lingering: linger::Lingering::default(),
+            recent: catchup::Recent::new(n, shared.config.arrival_order),
             shared,
         }
     }
@@ -390,6 +397,9 @@ impl Worker {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    if self.recent.on {
+                        let _ = crate::transport::stamp_arrivals(&stream);
+                    }
                     let mut transport = match self.transport_for(i, stream) {
                         Ok(t) => t,
                         Err(e) => {

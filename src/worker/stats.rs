@@ -29,6 +29,7 @@ impl Worker {
     pub(super) fn tick(&mut self) {
         self.sys.next_tick_ms = self.clock.ms + TICK.as_millis() as u64;
         self.trim_buffers();
+        self.trim_recent();
         self.bridge_tick();
         self.publish_stats();
         let interval = self.shared.config.sys_interval;
@@ -53,6 +54,7 @@ impl Worker {
         s.subscriptions.store(self.router.subscription_count() as u64, Ordering::Relaxed);
         s.ring_pushes.store(self.mailbox.pushes, Ordering::Relaxed);
         s.trie_walks.store(self.router.walks, Ordering::Relaxed);
+        s.caught_up.store(self.recent.caught_up, Ordering::Relaxed);
         s.wakeups.store(self.mailbox.wakeups, Ordering::Relaxed);
         s.interest_filters.store(self.router.announced_count() as u64, Ordering::Relaxed);
         for (to, &n) in s.limits.iter().zip(&c.limits) {
@@ -103,6 +105,7 @@ impl Worker {
             ("$SYS/broker/heap/current", crate::sys::rss_bytes().to_string()),
             ("$SYS/broker/internal/ring_pushes", sum(|s| &s.ring_pushes).to_string()),
             ("$SYS/broker/internal/trie_walks", sum(|s| &s.trie_walks).to_string()),
+            ("$SYS/broker/internal/caught_up", sum(|s| &s.caught_up).to_string()),
             ("$SYS/broker/internal/wakeups", sum(|s| &s.wakeups).to_string()),
             ("$SYS/broker/internal/interest_filters", sum(|s| &s.interest_filters).to_string()),
         ];

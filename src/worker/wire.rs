@@ -83,7 +83,7 @@ impl Worker {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_CHUNK);
             }
-            match c.transport.read_into(&mut buf) {
+            match c.transport.read_into(&mut buf, &mut c.arrived) {
                 Ok(0) => {
                     close = Some(CloseKind::Abnormal);
                     break;

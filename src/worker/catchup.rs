@@ -1,0 +1,303 @@
+//! Arrival order across workers. One event loop sees its sockets in the order their bytes came;
+//! several do not: a SUBSCRIBE that reached the host before another client's PUBLISH may be read
+//! by its worker after the publisher's worker has routed that PUBLISH (that worker was busy, or
+//! not on a CPU), and the message would miss a subscription the client had asked for first.
+//!
+//! So, with more than one worker, the kernel stamps every segment with the time it reached the
+//! host (`SO_TIMESTAMPNS`, read with each `recvmsg`), and each worker keeps the messages it routed
+//! in the last moments (`Recent`: at most `WINDOW_NS` old, `MAX_ENTRIES` and `MAX_BYTES`). A
+//! SUBSCRIBE that adds filters to a session asks every peer, behind its interest announcement in
+//! the same ring, for the messages that arrived after it and match them (`CatchUpAsk`), and looks
+//! in its own worker's list. An answer goes to the session once, only where it missed the message:
+//!
+//! - a message the peer never sent to the subscriber's worker was not delivered to it at all;
+//! - one it sent is marked with the peer's sequence number: the subscriber's worker had taken
+//!   the message before the new filters were in place iff that number is at most `mark`, the last
+//!   one it had taken from that peer when it added them (rings keep their order). Taken after:
+//!   the new filters already delivered it, and nothing is sent;
+//! - taken before (or routed by the subscriber's own worker), the session got it only through a
+//!   subscription it had already, and is given it iff none of its older filters matches.
+//!
+//! A message delivered this way goes out as an ordinary delivery of the new subscriptions (their
+//! QoS, identifiers, no local, ACL). Retained messages are left out: the store hands them to a new
+//! subscription. What arrived later than a SUBSCRIBE's worker could know, outside the window, is
+//! not caught up; after the SUBACK nothing depends on it [MQTT-3.8.4-1].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::mailbox::Mail;
+use super::Worker;
+use crate::codec::{MqttStr, QoS};
+use crate::session::{Delivery, Message, SessionKey};
+use crate::topic;
+
+/// How long a routed message stays on the list, by its arrival stamp.
+pub const WINDOW_NS: u64 = 500_000_000;
+/// At most this many messages, and this many topic and payload bytes, stay on the list.
+pub const MAX_ENTRIES: usize = 4096;
+pub const MAX_BYTES: usize = 8 << 20;
+/// Arrival stamps of messages routed one after another are out of order by at most a scheduling
+/// delay: a search from the newest stops at the first message this much older than the SUBSCRIBE.
+const SKEW_NS: u64 = 100_000_000;
+
+struct Entry {
+    arrived: u64,
+    seq: u32,
+    /// Peers the message was sent to, one bit per worker.
+    sent: u64,
+    msg: Arc<Message>,
+}
+
+/// What a worker routed in the last moments.
+pub struct Recent {
+    /// `arrival_order` is on and there is more than one worker (at most 64: `sent` is one bit
+    /// each).
+    pub on: bool,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    /// The sequence number of the last message put on the list; every `Mail::Publish` carries
+    /// the current one.
+    seq: u32,
+    /// The last sequence number taken from each peer.
+    taken: Vec<u32>,
+    /// Messages delivered by catching up, for `$SYS/broker/internal/caught_up`.
+    pub caught_up: u64,
+}
+
+/// To a peer: the messages routed since `since` that match `filters`, for `session` on `worker`,
+/// which had taken that peer's mail up to `mark` when it added them.
+pub struct CatchUpAsk {
+    pub filters: Arc<[MqttStr]>,
+    pub since: u64,
+    pub mark: u32,
+    pub worker: u16,
+    pub session: u32,
+    pub uid: u64,
+}
+
+/// The answer, one per message: `seen` if the subscriber's worker had taken it before.
+pub struct CatchUp {
+    pub filters: Arc<[MqttStr]>,
+    pub session: u32,
+    pub uid: u64,
+    pub msg: Arc<Message>,
+    pub seen: bool,
+}
+
+fn cost(m: &Message) -> usize {
+    m.topic.len() + m.payload.len() + 64
+}
+
+/// `a` comes after `b`, in wrapping order.
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+impl Recent {
+    /// `enabled`: the `arrival_order` setting.
+    pub fn new(workers: usize, enabled: bool) -> Recent {
+        Recent {
+            on: enabled && workers > 1 && workers <= 64,
+            entries: VecDeque::new(),
+            bytes: 0,
+            seq: 0,
+            taken: vec![0; workers],
+            caught_up: 0,
+        }
+    }
+
+    /// The sequence number a message's mail carries; a new one if the message goes on the list.
+    pub fn next_seq(&mut self, listed: bool) -> u32 {
+        if listed {
+            self.seq = self.seq.wrapping_add(1);
+        }
+        self.seq
+    }
+
+    /// Puts a routed message on the list, under the sequence number `next_seq` gave it.
+    pub fn record(&mut self, arrived: u64, seq: u32, peers: &[u16], msg: Arc<Message>) {
+        let sent = peers.iter().fold(0u64, |m, &p| m | 1 << p);
+        self.bytes += cost(&msg);
+        self.entries.push_back(Entry { arrived, seq, sent, msg });
+        self.trim(arrived.saturating_sub(WINDOW_NS));
+    }
+
+    /// Drops what arrived before `before`, and the oldest past the bounds.
+    pub fn trim(&mut self, before: u64) {
+        while let Some(e) = self.entries.front() {
+            if e.arrived >= before && self.entries.len() <= MAX_ENTRIES && self.bytes <= MAX_BYTES {
+                break;
+            }
+            self.bytes -= cost(&e.msg);
+            self.entries.pop_front();
+        }
+    }
+
+    /// A message mail from `from` with sequence number `seq` was taken.
+    pub fn took(&mut self, from: usize, seq: u32) {
+        self.taken[from] = seq;
+    }
+
+    pub fn mark(&self, peer: usize) -> u32 {
+        self.taken[peer]
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Messages on the list that arrived after `since` and match one of `filters`, newest first.
+    fn matching(&self, since: u64, filters: &[MqttStr], mut f: impl FnMut(&Entry)) {
+        for e in self.entries.iter().rev() {
+            if e.arrived.saturating_add(SKEW_NS) < since {
+                break;
+            }
+            if e.arrived > since && filters.iter().any(|flt| topic::filter_matches(flt, &e.msg.topic)) {
+                f(e);
+            }
+        }
+    }
+}
+
+/// Wall clock nanoseconds, as the kernel stamps arrivals.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Worker {
+    /// A SUBSCRIBE that arrived at `since` added `filters` to session `sk`: the messages routed
+    /// here after it arrived, and a request to every peer for theirs.
+    pub(super) fn catch_up_subscribe(&mut self, sk: SessionKey, since: u64, filters: Vec<MqttStr>) {
+        if !self.recent.on || since == 0 || filters.is_empty() {
+            return;
+        }
+        let filters: Arc<[MqttStr]> = filters.into();
+        let uid = self.sessions[sk].uid;
+        let mut own = Vec::new();
+        self.recent.matching(since, &filters, |e| own.push(e.msg.clone()));
+        // Oldest first, as they were routed.
+        for msg in own.into_iter().rev() {
+            self.catch_up(sk, uid, &filters, msg, true);
+        }
+        let peers: Vec<usize> = self.mailbox.peers().collect();
+        for p in peers {
+            let ask = CatchUpAsk {
+                filters: filters.clone(),
+                since,
+                mark: self.recent.mark(p),
+                worker: self.id as u16,
+                session: sk.0 as u32,
+                uid,
+            };
+            self.mailbox.send(p, Mail::CatchUpAsk(Box::new(ask)));
+        }
+    }
+
+    /// A peer's request: what it missed, from the list.
+    pub(super) fn on_catch_up_ask(&mut self, ask: CatchUpAsk) {
+        let bit = 1u64 << ask.worker;
+        let mut found = Vec::new();
+        self.recent.matching(ask.since, &ask.filters, |e| {
+            let sent = e.sent & bit != 0;
+            if !(sent && after(e.seq, ask.mark)) {
+                found.push((e.msg.clone(), sent));
+            }
+        });
+        for (msg, seen) in found.into_iter().rev() {
+            let c = CatchUp { filters: ask.filters.clone(), session: ask.session, uid: ask.uid, msg, seen };
+            self.mailbox.send(ask.worker as usize, Mail::CatchUp(Box::new(c)));
+        }
+    }
+
+    /// Delivers `msg` to session `sk` through its new subscriptions `filters`, unless the session
+    /// is gone or (`seen`) an older subscription of it already delivered the message.
+    pub(super) fn catch_up(&mut self, sk: SessionKey, uid: u64, filters: &[MqttStr], msg: Arc<Message>, seen: bool) {
+        if !self.sessions.is(sk, uid) {
+            return;
+        }
+        let s = &self.sessions[sk];
+        if s.bridge.is_some() || msg.expires_at.is_some_and(|t| t <= self.clock.now) {
+            return;
+        }
+        let mut qos: Option<QoS> = None;
+        let mut no_local = true;
+        let mut ids = Vec::new();
+        for (f, sub) in s.subscriptions.iter() {
+            if f.starts_with("$share/") || !topic::filter_matches(f, &msg.topic) {
+                continue;
+            }
+            if filters.iter().any(|n| n == f) {
+                qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
+                no_local &= sub.options.no_local;
+                if sub.identifier != 0 {
+                    ids.push(sub.identifier);
+                }
+            } else if seen {
+                return;
+            }
+        }
+        let Some(granted) = qos else { return };
+        if no_local && msg.origin == Some((self.id as u16, sk.0 as u32)) {
+            return; // [MQTT-3.8.3-3]
+        }
+        self.recent.caught_up += 1;
+        let qos = msg.qos.min(granted);
+        self.deliver_one(sk, Delivery { msg, qos, retain: false, sub_ids: ids, group: None, seq: 0 }, false);
+    }
+
+    /// On the tick: the list keeps nothing older than the window once traffic stops.
+    pub(super) fn trim_recent(&mut self) {
+        if self.recent.len() > 0 {
+            self.recent.trim(wall_ns().saturating_sub(WINDOW_NS));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str) -> Arc<Message> {
+        Arc::new(Message {
+            topic: MqttStr::from(topic),
+            payload: bytes::Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: None,
+            origin: None,
+            publisher: None,
+            expires_at: None,
+            stamp: 0,
+            read_at: None,
+        })
+    }
+
+    #[test]
+    fn the_list_is_bounded_by_age_count_and_bytes() {
+        let mut r = Recent::new(2, true);
+        for i in 0..(MAX_ENTRIES as u64 + 10) {
+            let seq = r.next_seq(true);
+            r.record(1_000 + i, seq, &[], msg("a"));
+        }
+        assert_eq!(r.len(), MAX_ENTRIES);
+        let seq = r.next_seq(true);
+        r.record(10 * WINDOW_NS, seq, &[1], msg("a"));
+        assert_eq!(r.len(), 1, "everything older than the window goes");
+        r.trim(u64::MAX);
+        assert_eq!((r.len(), r.bytes), (0, 0));
+    }
+
+    #[test]
+    fn only_what_arrived_after_the_subscribe_and_matches_is_found() {
+        let mut r = Recent::new(2, true);
+        for (t, topic) in [(100, "a/1"), (200, "b/1"), (300, "a/2"), (400, "a/3")] {
+            let seq = r.next_seq(true);
+            r.record(t, seq, &[], msg(topic));
+        }
+        let mut got = vec![];
+        r.matching(250, &[MqttStr::from("a/+")], |e| got.push(e.msg.topic.to_string()));
+        assert_eq!(got, ["a/3", "a/2"]);
+        assert!(after(1, u32::MAX) && !after(u32::MAX, 1), "sequence numbers wrap");
+    }
+}
