@@ -55,20 +55,27 @@ fn a_subscribe_that_arrived_first_gets_the_message_without_waiting_for_its_subac
     let mut pubs: Vec<Client> = (0..8).map(|i| Client::connect(addr, &format!("early-pub-{i}"), true).0).collect();
     for round in 0..1000 {
         let topic = format!("early/{round}");
-        let id = sub.id();
-        let opts = SubscriptionOptions::new(QoS::AtLeastOnce);
-        let s = Subscribe {
-            packet_id: id,
-            filters: vec![(topic.as_str().into(), opts)],
-            properties: Properties::default(),
-        };
-        sub.send(&Packet::Subscribe(Box::new(s)));
+        // Every fourth round two SUBSCRIBEs whose filters both match: still one copy
+        // [MQTT-3.3.5-1], however many of them catch up.
+        let filters = if round % 4 == 3 { vec![topic.clone(), format!("{topic}/#")] } else { vec![topic.clone()] };
+        let mut acks = Vec::new();
+        for f in &filters {
+            let id = sub.id();
+            let opts = SubscriptionOptions::new(QoS::AtLeastOnce);
+            let s = Subscribe {
+                packet_id: id,
+                filters: vec![(f.as_str().into(), opts)],
+                properties: Properties::default(),
+            };
+            sub.send(&Packet::Subscribe(Box::new(s)));
+            acks.push(id);
+        }
         let qos = if round % 2 == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
         pubs[round % 8].publish(&topic, format!("m{round}"), qos, false);
-        let (mut acked, mut got) = (false, false);
-        while !(acked && got) {
+        let mut got = false;
+        while !(acks.is_empty() && got) {
             match sub.recv() {
-                Packet::SubAck(a) if a.packet_id == id => acked = true,
+                Packet::SubAck(a) if acks.contains(&a.packet_id) => acks.retain(|&id| id != a.packet_id),
                 Packet::Publish(m) => {
                     assert_eq!(m.topic, topic.as_str(), "round {round}: once, and only this round's");
                     assert!(!got, "round {round}: delivered twice");
@@ -79,7 +86,8 @@ fn a_subscribe_that_arrived_first_gets_the_message_without_waiting_for_its_subac
             }
         }
         let id = sub.id();
-        let u = Unsubscribe { packet_id: id, filters: vec![topic.as_str().into()], properties: Properties::default() };
+        let filters = filters.iter().map(|f| f.as_str().into()).collect();
+        let u = Unsubscribe { packet_id: id, filters, properties: Properties::default() };
         sub.send(&Packet::Unsubscribe(Box::new(u)));
         sub.recv_where(|p| matches!(p, Packet::UnsubAck(a) if a.packet_id == id));
     }

@@ -16,7 +16,8 @@
 //!   one it had taken from that peer when it added them (rings keep their order). Taken after:
 //!   the new filters already delivered it, and nothing is sent;
 //! - taken before (or routed by the subscriber's own worker), the session got it only through a
-//!   subscription it had already, and is given it iff none of its older filters matches.
+//!   subscription it had already, and is given it iff none of its older filters matches;
+//! - and a session is given a message this way once, however many of its SUBSCRIBEs ask.
 //!
 //! A message delivered this way goes out as an ordinary delivery of the new subscriptions (their
 //! QoS, identifiers, no local, ACL). Retained messages are left out: the store hands them to a new
@@ -47,6 +48,9 @@ struct Entry {
     /// Peers the message was sent to, one bit per worker.
     sent: u64,
     msg: Arc<Message>,
+    /// Sessions (worker, session, uid) already given this message by catching up: a second
+    /// SUBSCRIBE of theirs within the window must not get it again.
+    given: Option<Box<Vec<(u16, u32, u64)>>>,
 }
 
 /// What a worker routed in the last moments.
@@ -119,7 +123,7 @@ impl Recent {
     pub fn record(&mut self, arrived: u64, seq: u32, peers: &[u16], msg: Arc<Message>) {
         let sent = peers.iter().fold(0u64, |m, &p| m | 1 << p);
         self.bytes += cost(&msg);
-        self.entries.push_back(Entry { arrived, seq, sent, msg });
+        self.entries.push_back(Entry { arrived, seq, sent, msg, given: None });
         self.trim(arrived.saturating_sub(WINDOW_NS));
     }
 
@@ -148,8 +152,8 @@ impl Recent {
     }
 
     /// Messages on the list that arrived after `since` and match one of `filters`, newest first.
-    fn matching(&self, since: u64, filters: &[MqttStr], mut f: impl FnMut(&Entry)) {
-        for e in self.entries.iter().rev() {
+    fn matching(&mut self, since: u64, filters: &[MqttStr], mut f: impl FnMut(&mut Entry)) {
+        for e in self.entries.iter_mut().rev() {
             if e.arrived.saturating_add(SKEW_NS) < since {
                 break;
             }
@@ -198,10 +202,17 @@ impl Worker {
     pub(super) fn on_catch_up_ask(&mut self, ask: CatchUpAsk) {
         let bit = 1u64 << ask.worker;
         let mut found = Vec::new();
+        let who = (ask.worker, ask.session, ask.uid);
         self.recent.matching(ask.since, &ask.filters, |e| {
             let sent = e.sent & bit != 0;
-            if !(sent && after(e.seq, ask.mark)) {
-                found.push((e.msg.clone(), sent));
+            if sent && after(e.seq, ask.mark) || e.given.as_ref().is_some_and(|g| g.contains(&who)) {
+                return;
+            }
+            found.push((e.msg.clone(), sent));
+            if !sent {
+                // Nothing else of this message reached that worker: it is given now, whatever
+                // the session's other filters.
+                e.given.get_or_insert_with(Default::default).push(who);
             }
         });
         for (msg, seen) in found.into_iter().rev() {
