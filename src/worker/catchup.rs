@@ -31,7 +31,7 @@ use super::mailbox::Mail;
 use super::Worker;
 use crate::codec::{MqttStr, QoS};
 use crate::session::{Delivery, Message, SessionKey};
-use crate::topic;
+use crate::topic::{self, SubTrie};
 
 /// How long a routed message stays on the list, by its arrival stamp.
 pub const WINDOW_NS: u64 = 500_000_000;
@@ -80,13 +80,46 @@ pub struct CatchUpAsk {
     pub uid: u64,
 }
 
-/// The answer, one per message: `seen` if the subscriber's worker had taken it before.
+/// The answer, one per message: the asked filters its topic matches; `seen` if the subscriber's
+/// worker had taken it before.
 pub struct CatchUp {
-    pub filters: Arc<[MqttStr]>,
+    pub matched: Vec<MqttStr>,
     pub session: u32,
     pub uid: u64,
     pub msg: Arc<Message>,
     pub seen: bool,
+}
+
+/// The filters of one ask, matched against topics: through a trie once there are more than a
+/// few, so a SUBSCRIBE of thousands of filters costs a trie walk per message, not thousands.
+struct Fresh<'a> {
+    list: &'a [MqttStr],
+    trie: Option<SubTrie<u32, ()>>,
+}
+
+impl<'a> Fresh<'a> {
+    fn new(list: &'a [MqttStr]) -> Fresh<'a> {
+        let trie = (list.len() > 8).then(|| {
+            let mut t = SubTrie::new();
+            for (i, f) in list.iter().enumerate() {
+                let _ = t.insert(f, i as u32, ());
+            }
+            t
+        });
+        Fresh { list, trie }
+    }
+
+    /// The filters `topic` matches.
+    fn matched(&self, topic: &str) -> Vec<MqttStr> {
+        match &self.trie {
+            Some(t) => {
+                let mut out = Vec::new();
+                t.for_each_match(topic, |&i, _| out.push(self.list[i as usize].clone()));
+                out
+            }
+            None => self.list.iter().filter(|f| topic::filter_matches(f, topic)).cloned().collect(),
+        }
+    }
 }
 
 fn cost(m: &Message) -> usize {
@@ -151,14 +184,18 @@ impl Recent {
         self.entries.len()
     }
 
-    /// Messages on the list that arrived after `since` and match one of `filters`, newest first.
-    fn matching(&mut self, since: u64, filters: &[MqttStr], mut f: impl FnMut(&mut Entry)) {
+    /// Messages on the list that arrived after `since` and match one of `filters` (with those
+    /// they match), newest first.
+    fn matching(&mut self, since: u64, filters: &Fresh<'_>, mut f: impl FnMut(&mut Entry, Vec<MqttStr>)) {
         for e in self.entries.iter_mut().rev() {
             if e.arrived.saturating_add(SKEW_NS) < since {
                 break;
             }
-            if e.arrived > since && filters.iter().any(|flt| topic::filter_matches(flt, &e.msg.topic)) {
-                f(e);
+            if e.arrived > since {
+                let matched = filters.matched(&e.msg.topic);
+                if !matched.is_empty() {
+                    f(e, matched);
+                }
             }
         }
     }
@@ -177,12 +214,13 @@ impl Worker {
             return;
         }
         let filters: Arc<[MqttStr]> = filters.into();
-        let uid = self.sessions[sk].uid;
+        let Some(uid) = self.sessions.get(sk).map(|s| s.uid) else { return };
         let mut own = Vec::new();
-        self.recent.matching(since, &filters, |e| own.push(e.msg.clone()));
+        let fresh = Fresh::new(&filters);
+        self.recent.matching(since, &fresh, |e, matched| own.push((e.msg.clone(), matched)));
         // Oldest first, as they were routed.
-        for msg in own.into_iter().rev() {
-            self.catch_up(sk, uid, &filters, msg, true);
+        for (msg, matched) in own.into_iter().rev() {
+            self.catch_up(sk, uid, &matched, msg, true);
         }
         let peers: Vec<usize> = self.mailbox.peers().collect();
         for p in peers {
@@ -203,27 +241,29 @@ impl Worker {
         let bit = 1u64 << ask.worker;
         let mut found = Vec::new();
         let who = (ask.worker, ask.session, ask.uid);
-        self.recent.matching(ask.since, &ask.filters, |e| {
+        let fresh = Fresh::new(&ask.filters);
+        self.recent.matching(ask.since, &fresh, |e, matched| {
             let sent = e.sent & bit != 0;
             if sent && after(e.seq, ask.mark) || e.given.as_ref().is_some_and(|g| g.contains(&who)) {
                 return;
             }
-            found.push((e.msg.clone(), sent));
+            found.push((e.msg.clone(), matched, sent));
             if !sent {
                 // Nothing else of this message reached that worker: it is given now, whatever
                 // the session's other filters.
                 e.given.get_or_insert_with(Default::default).push(who);
             }
         });
-        for (msg, seen) in found.into_iter().rev() {
-            let c = CatchUp { filters: ask.filters.clone(), session: ask.session, uid: ask.uid, msg, seen };
+        for (msg, matched, seen) in found.into_iter().rev() {
+            let c = CatchUp { matched, session: ask.session, uid: ask.uid, msg, seen };
             self.mailbox.send(ask.worker as usize, Mail::CatchUp(Box::new(c)));
         }
     }
 
-    /// Delivers `msg` to session `sk` through its new subscriptions `filters`, unless the session
-    /// is gone or (`seen`) an older subscription of it already delivered the message.
-    pub(super) fn catch_up(&mut self, sk: SessionKey, uid: u64, filters: &[MqttStr], msg: Arc<Message>, seen: bool) {
+    /// Delivers `msg` to session `sk` through its new subscriptions `matched` (those of its
+    /// filters the topic matches), unless the session is gone or (`seen`) an older subscription of
+    /// it already delivered the message.
+    pub(super) fn catch_up(&mut self, sk: SessionKey, uid: u64, matched: &[MqttStr], msg: Arc<Message>, seen: bool) {
         if !self.sessions.is(sk, uid) {
             return;
         }
@@ -234,21 +274,25 @@ impl Worker {
         let mut qos: Option<QoS> = None;
         let mut no_local = true;
         let mut ids = Vec::new();
-        for (f, sub) in s.subscriptions.iter() {
-            if f.starts_with("$share/") || !topic::filter_matches(f, &msg.topic) {
-                continue;
-            }
-            if filters.iter().any(|n| n == f) {
-                qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
-                no_local &= sub.options.no_local;
-                if sub.identifier != 0 {
-                    ids.push(sub.identifier);
-                }
-            } else if seen {
-                return;
+        let mut still = 0;
+        for f in matched {
+            let Some(sub) = s.subscriptions.get(f) else { continue }; // unsubscribed since
+            still += 1;
+            qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
+            no_local &= sub.options.no_local;
+            if sub.identifier != 0 {
+                ids.push(sub.identifier);
             }
         }
         let Some(granted) = qos else { return };
+        if seen {
+            // Any other subscription of the session that matches is older: it delivered this.
+            let mut all = Vec::new();
+            self.router.local_matches(&msg.topic, &mut all);
+            if all.iter().filter(|(k, _)| *k as usize == sk.0).count() > still {
+                return;
+            }
+        }
         if no_local && msg.origin == Some((self.id as u16, sk.0 as u32)) {
             return; // [MQTT-3.8.3-3]
         }
@@ -270,18 +314,7 @@ mod tests {
     use super::*;
 
     fn msg(topic: &str) -> Arc<Message> {
-        Arc::new(Message {
-            topic: MqttStr::from(topic),
-            payload: bytes::Bytes::new(),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at: None,
-            stamp: 0,
-            read_at: None,
-        })
+        Arc::new(Message::plain(topic, bytes::Bytes::new(), QoS::AtMostOnce, false))
     }
 
     #[test]
@@ -307,8 +340,18 @@ mod tests {
             r.record(t, seq, &[], msg(topic));
         }
         let mut got = vec![];
-        r.matching(250, &[MqttStr::from("a/+")], |e| got.push(e.msg.topic.to_string()));
+        let filters = [MqttStr::from("a/+")];
+        r.matching(250, &Fresh::new(&filters), |e, _| got.push(e.msg.topic.to_string()));
         assert_eq!(got, ["a/3", "a/2"]);
+        // Many filters go through a trie, with the same answers.
+        let many: Vec<MqttStr> =
+            (0..100).map(|i| MqttStr::from(format!("x/{i}"))).chain([MqttStr::from("a/#")]).collect();
+        let mut got = vec![];
+        r.matching(250, &Fresh::new(&many), |e, m| got.push((e.msg.topic.to_string(), m)));
+        assert_eq!(
+            got,
+            [("a/3".to_string(), vec![MqttStr::from("a/#")]), ("a/2".to_string(), vec![MqttStr::from("a/#")])]
+        );
         assert!(after(1, u32::MAX) && !after(u32::MAX, 1), "sequence numbers wrap");
     }
 }

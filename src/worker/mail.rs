@@ -78,8 +78,8 @@ impl Worker {
             Mail::Resume { conn, uid } => self.resume(super::conn::ConnKey(conn as usize), uid),
             Mail::CatchUpAsk(ask) => self.on_catch_up_ask(*ask),
             Mail::CatchUp(c) => {
-                let super::catchup::CatchUp { filters, session, uid, msg, seen } = *c;
-                self.catch_up(SessionKey(session as usize), uid, &filters, msg, seen);
+                let super::catchup::CatchUp { matched, session, uid, msg, seen } = *c;
+                self.catch_up(SessionKey(session as usize), uid, &matched, msg, seen);
             }
             Mail::Credit { n } => {
                 self.mailbox.credited(from, n);
