@@ -41,6 +41,9 @@ pub const MAX_BYTES: usize = 8 << 20;
 /// Arrival stamps of messages routed one after another are out of order by at most a scheduling
 /// delay: a search from the newest stops at the first message this much older than the SUBSCRIBE.
 const SKEW_NS: u64 = 100_000_000;
+/// Sessions one message is remembered as given to; past it the message is caught up no more, so
+/// SUBSCRIBEs from many sessions cannot grow an entry without end.
+const GIVEN_MAX: usize = 64;
 
 struct Entry {
     arrived: u64,
@@ -244,7 +247,9 @@ impl Worker {
         let fresh = Fresh::new(&ask.filters);
         self.recent.matching(ask.since, &fresh, |e, matched| {
             let sent = e.sent & bit != 0;
-            if sent && after(e.seq, ask.mark) || e.given.as_ref().is_some_and(|g| g.contains(&who)) {
+            if sent && after(e.seq, ask.mark)
+                || e.given.as_ref().is_some_and(|g| g.len() >= GIVEN_MAX || g.contains(&who))
+            {
                 return;
             }
             found.push((e.msg.clone(), matched, sent));

@@ -378,7 +378,7 @@ impl Worker {
                         if r.announce {
                             announce.push(filter.clone());
                         }
-                        if !r.existed {
+                        if !r.existed && self.recent.on {
                             fresh.push(filter.clone());
                         }
                         let wanted = match opts.retain_handling {
