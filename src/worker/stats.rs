@@ -40,6 +40,11 @@ impl Worker {
     }
 
     pub(super) fn publish_stats(&mut self) {
+        // The tick fires before the turn ends: this turn's deliveries, already in the sent
+        // counters below, go into the histogram with them.
+        if !self.latency.turn_is_empty() {
+            self.latency.end_turn(std::time::Instant::now());
+        }
         self.latency.publish(&self.shared.latency[self.id]);
         let s = &self.shared.stats[self.id];
         let c = &self.counters;
