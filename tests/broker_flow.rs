@@ -143,3 +143,37 @@ fn a_stalled_subscriber_holds_the_publisher_at_most_the_timeout() {
         b.shutdown();
     }
 }
+
+/// QoS 0 is at most once, but a subscriber that keeps reading loses nothing to a burst: when a
+/// burst of deliveries fills its output buffer (`max_output_bytes`) within one turn of the
+/// broker, what the socket takes is written out then and there, and only what the socket refuses
+/// is dropped. With 4 workers the publisher is on another worker than the subscriber for some of
+/// the rounds, so the burst also comes through a ring at once.
+#[test]
+fn a_qos0_burst_larger_than_the_output_bound_reaches_a_subscriber_that_keeps_reading() {
+    for w in WORKER_COUNTS {
+        let b = start_with(tern::Config { max_output_bytes: 4096, ..config(w) });
+        let addr = b.local_addr();
+        for round in 0..4 {
+            let topic = format!("burst/{round}");
+            let (mut sub, _) = Client::connect(addr, &format!("burst-sub-{round}"), true);
+            sub.subscribe(&topic, QoS::AtMostOnce);
+            let (mut publ, _) = Client::connect(addr, &format!("burst-pub-{round}"), true);
+            const N: usize = 32; // x 1 KiB: eight times the output bound, in one write
+            let mut out = bytes::BytesMut::new();
+            for i in 0..N {
+                let mut body = format!("{i:08}").into_bytes();
+                body.resize(1024, b'.');
+                Packet::Publish(Publish::new(topic.as_str(), QoS::AtMostOnce, Bytes::from(body)))
+                    .encode(ProtocolVersion::V311, &mut out);
+            }
+            use std::io::Write;
+            publ.stream.write_all(&out).unwrap();
+            for i in 0..N {
+                let m = sub.recv_publish();
+                assert_eq!(&m.payload[..8], format!("{i:08}").as_bytes(), "{w} workers: in order, none dropped");
+            }
+        }
+        b.shutdown();
+    }
+}

@@ -8,7 +8,7 @@
 
 use std::ops::{Index, IndexMut};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use slab::Slab;
 
 use crate::codec::{Ack, MqttStr, Packet, PacketId, Properties, ProtocolVersion, PublishHeader};
@@ -94,6 +94,9 @@ pub struct Flags {
     pub starved: bool,
     /// A `partial_packet_timeout` timer is armed.
     pub partial_timer: bool,
+    /// Its socket took no more output since the last flush: a full output buffer drops QoS 0
+    /// without trying the socket again.
+    pub write_blocked: bool,
 }
 
 /// Topic aliases we use towards one client: topic -> alias, assigned first come, first served.
@@ -132,6 +135,28 @@ impl Conn {
 
     pub fn peer(&self) -> String {
         self.transport.peer()
+    }
+
+    /// Whether the output buffer is below `max`; when it is not, first writes what the socket
+    /// takes now (once until the next flush if it takes nothing more), so a burst of deliveries
+    /// bigger than the buffer reaches a client that keeps reading instead of being dropped.
+    /// Returns the bytes written; errors are left for the flush, which closes.
+    pub fn make_room(&mut self, max: usize) -> (bool, usize) {
+        if self.wbuf.len() < max {
+            return (true, 0);
+        }
+        let mut written = 0;
+        while !self.flags.write_blocked && !self.wbuf.is_empty() {
+            match self.transport.write(&self.wbuf) {
+                Ok(n) if n > 0 => {
+                    written += n;
+                    self.wbuf.advance(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => self.flags.write_blocked = true,
+            }
+        }
+        (self.wbuf.len() < max, written)
     }
 
     /// Queues an encoded control packet.

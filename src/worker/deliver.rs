@@ -190,7 +190,9 @@ impl Worker {
                 continue;
             }
             let c = &mut self.conns[ck];
-            if c.wbuf.len() >= max_out {
+            let (room, written) = c.make_room(max_out);
+            self.counters.bytes_sent += written as u64;
+            if !room {
                 self.counters.dropped(Drop::OutputBound);
                 continue;
             }
@@ -311,7 +313,9 @@ impl Worker {
         let Some(ck) = s.conn else { return };
         let v = s.version;
         let c = &mut self.conns[ck];
-        if c.wbuf.len() >= self.shared.config.max_output_bytes {
+        let (room, written) = c.make_room(self.shared.config.max_output_bytes);
+        self.counters.bytes_sent += written as u64;
+        if !room {
             self.counters.dropped(Drop::OutputBound);
             return;
         }

@@ -261,6 +261,7 @@ impl Worker {
     pub(super) fn flush(&mut self, k: ConnKey) {
         let max_output = self.shared.config.max_output_bytes;
         let c = &mut self.conns[k];
+        c.flags.write_blocked = false;
         let mut failed = false;
         while !c.wbuf.is_empty() {
             match c.transport.write(&c.wbuf) {
