@@ -8,6 +8,8 @@
 #   perf/scaling.sh                         # REPS=3, 3 s per run
 #   REPS=1 WORKERS="1 2" perf/scaling.sh    # a quick look
 #   REPORT_ONLY=1 perf/scaling.sh           # redo SCALING.md from the last results
+#   BROKER_CPU=0 OUT=perf/report/scaling-cpu0 perf/scaling.sh
+#                                           # every worker on CPU 0: the load generator keeps CPU 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +42,7 @@ SCENARIOS=(
 counters() {
     # $SYS goes out once a second: wait for the update after the run.
     sleep 1.5
-    { timeout 10 mosquitto_sub -p "$PORT" -C 4 -W 4 -t '$SYS/broker/internal/+' -v 2>/dev/null || true; } |
+    { timeout 10 mosquitto_sub -p "$PORT" -C 5 -W 4 -t '$SYS/broker/internal/+' -v 2>/dev/null || true; } |
         awk '/ring_pushes/ {p=$2} /trie_walks/ {t=$2} /wakeups/ {w=$2} END {printf "%s %s %s\n", p+0, t+0, w+0}'
 }
 
@@ -67,8 +69,14 @@ for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
                 [ -s "$line" ] || continue
                 read -r p0 t0 k0 <<<"$before"
                 read -r p1 t1 k1 <<<"$after"
+                pushes=$((p1 - p0)) walks=$((t1 - t0)) wakeups=$((k1 - k0))
+                if [ "$t1" = 0 ]; then
+                    # $SYS was not read after the run (every run walks the trie): no counters.
+                    echo "   (counters not read)"
+                    pushes=null walks=null wakeups=null
+                fi
                 jq -c --arg name "$name" --arg mode "$mode" --argjson w "$w" \
-                    --argjson pushes $((p1 - p0)) --argjson walks $((t1 - t0)) --argjson wakeups $((k1 - k0)) \
+                    --argjson pushes "$pushes" --argjson walks "$walks" --argjson wakeups "$wakeups" \
                     '. + {name: $name, mode: $mode, workers: $w, ring_pushes: $pushes, trie_walks: $walks, wakeups: $wakeups}' \
                     "$line" >> "$RESULTS"
             done
@@ -76,9 +84,11 @@ for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
     done
 done
 
-python3 - "$RESULTS" "$OUT/SCALING.md" "$REPS" "$DURATION" <<'PY'
+python3 - "$RESULTS" "$OUT/SCALING.md" "$REPS" "$DURATION" "${BROKER_CPU:-}" <<'PY'
 import json, statistics, sys, subprocess, datetime
-results, out, reps, duration = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+results, out, reps, duration, broker_cpu = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+placement = f"every worker on CPU {broker_cpu} (`BROKER_CPU={broker_cpu}`)" if broker_cpu else "broker unpinned"
+
 rows = {}
 for line in open(results):
     r = json.loads(line)
@@ -91,7 +101,7 @@ commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=
 lines.append("# tern: work per message as workers grow")
 lines.append("")
 lines.append(f"Made by `perf/scaling.sh` (REPS={reps}, DURATION={duration} s) on {datetime.date.today()}, tern {commit}, "
-             "2 CPUs, broker unpinned, load generator on CPU 1, 64-byte payloads. Medians over the runs. "
+             f"2 CPUs, {placement}, load generator on CPU 1, 64-byte payloads. Medians over the runs. "
              "`x1` is CPU per message relative to 1 worker in the same scenario and mode.")
 lines.append("")
 lines.append("| scenario | mode | workers | delivered/s | lost | CPU-s per M delivered | x1 | ring pushes/msg | trie walks/msg | wake-ups/msg |")
@@ -100,7 +110,7 @@ base = {}
 for key in sorted(rows, key=lambda k: (k[0], k[1], k[2])):
     rs = rows[key]
     recv = [r["received"] for r in rs]
-    per = lambda f: med([r[f] / r["received"] if r["received"] else None for r in rs])
+    per = lambda f: med([r[f] / r["received"] if r["received"] and r.get(f) is not None else None for r in rs])
     cpu = med([r.get("cpu_s_per_million") for r in rs])
     if key[2] == 1:
         base[key[:2]] = cpu
