@@ -50,6 +50,8 @@ struct Entry {
     seq: u32,
     /// Peers the message was sent to, one bit per worker.
     sent: u64,
+    /// What it counts against `MAX_BYTES` (kept here: trimming reads no message).
+    cost: usize,
     msg: Arc<Message>,
     /// Sessions (worker, session, uid) already given this message by catching up: a second
     /// SUBSCRIBE of theirs within the window must not get it again.
@@ -158,8 +160,9 @@ impl Recent {
     /// Puts a routed message on the list, under the sequence number `next_seq` gave it.
     pub fn record(&mut self, arrived: u64, seq: u32, peers: &[u16], msg: Arc<Message>) {
         let sent = peers.iter().fold(0u64, |m, &p| m | 1 << p);
-        self.bytes += cost(&msg);
-        self.entries.push_back(Entry { arrived, seq, sent, msg, given: None });
+        let cost = cost(&msg);
+        self.bytes += cost;
+        self.entries.push_back(Entry { arrived, seq, sent, cost, msg, given: None });
         self.trim(arrived.saturating_sub(WINDOW_NS));
     }
 
@@ -169,7 +172,7 @@ impl Recent {
             if e.arrived >= before && self.entries.len() <= MAX_ENTRIES && self.bytes <= MAX_BYTES {
                 break;
             }
-            self.bytes -= cost(&e.msg);
+            self.bytes -= e.cost;
             self.entries.pop_front();
         }
     }

@@ -164,11 +164,16 @@ impl Mailbox {
         self.credit_due[from] += 1;
     }
 
-    /// Sends each peer one credit for what was taken from it this turn.
+    /// Sends each peer one credit for what was taken from it, once that is half its window: a
+    /// peer is short of credit only while at least half its window waits in the ring for this
+    /// worker (which will take it and owe enough to credit), so it never waits on a credit held
+    /// back, and a steady trickle costs one credit mail per half window, not one per turn.
     pub fn send_credits(&mut self) {
+        let batch = (self.credit_window / 2).max(1) as u32;
         for from in 0..self.credit_due.len() {
-            let n = std::mem::take(&mut self.credit_due[from]);
-            if n > 0 {
+            let n = self.credit_due[from];
+            if n >= batch {
+                self.credit_due[from] = 0;
                 self.send(from, Mail::Credit { n });
             }
         }
@@ -335,6 +340,28 @@ mod tests {
     #[test]
     fn mail_stays_small_because_every_ring_is_an_array_of_it() {
         assert!(std::mem::size_of::<Mail>() <= 16, "Mail is {} bytes", std::mem::size_of::<Mail>());
+    }
+
+    /// Worker 1's mailbox, with a ring to worker 0 whose far end is returned.
+    fn towards_zero() -> (Mailbox, Consumer<Mail>) {
+        let (p, c) = crate::ring::ring(64);
+        (Mailbox::new(1, vec![Some(p), None], vec![None, None]), c)
+    }
+
+    #[test]
+    fn credit_goes_back_once_half_the_window_was_taken() {
+        let (mut m, mut to_zero) = towards_zero();
+        m.set_credit_window(8);
+        for _ in 0..3 {
+            m.owe_credit(0);
+        }
+        m.send_credits();
+        assert!(to_zero.pop().is_none(), "3 of a window of 8: held back");
+        m.owe_credit(0);
+        m.send_credits();
+        assert!(matches!(to_zero.pop(), Some(Mail::Credit { n: 4 })));
+        m.send_credits();
+        assert!(to_zero.pop().is_none(), "nothing more is owed");
     }
 
     #[test]
