@@ -137,26 +137,23 @@ impl Conn {
         self.transport.peer()
     }
 
-    /// Whether the output buffer is below `max`; when it is not, first writes what the socket
-    /// takes now (once until the next flush if it takes nothing more), so a burst of deliveries
-    /// bigger than the buffer reaches a client that keeps reading instead of being dropped.
-    /// Returns the bytes written; errors are left for the flush, which closes.
-    pub fn make_room(&mut self, max: usize) -> (bool, usize) {
-        if self.wbuf.len() < max {
-            return (true, 0);
-        }
+    /// Writes the output buffer until it is empty or the socket would block. Returns the bytes
+    /// written and whether the connection failed (the caller closes it).
+    pub fn write_out(&mut self) -> (usize, bool) {
         let mut written = 0;
-        while !self.flags.write_blocked && !self.wbuf.is_empty() {
+        while !self.wbuf.is_empty() {
             match self.transport.write(&self.wbuf) {
-                Ok(n) if n > 0 => {
+                Ok(0) => return (written, true),
+                Ok(n) => {
                     written += n;
                     self.wbuf.advance(n);
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                _ => self.flags.write_blocked = true,
+                Err(_) => return (written, true),
             }
         }
-        (self.wbuf.len() < max, written)
+        (written, false)
     }
 
     /// Queues an encoded control packet.

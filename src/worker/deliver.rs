@@ -138,7 +138,6 @@ impl Worker {
         enc.clear();
         let mut cached: [Option<(usize, usize)>; 2] = [None, None];
         let mut ids: Vec<u32> = Vec::new();
-        let max_out = self.shared.config.max_output_bytes;
         // Subscriptions whose whole filter the ACL grants carry this mark: no check per message.
         let whole_mark = self.shared.auth.acl_generation.load(std::sync::atomic::Ordering::Relaxed) as u32 + 1;
         let mut sent_qos0 = 0u64;
@@ -189,14 +188,12 @@ impl Worker {
                 self.behind_backlog(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 });
                 continue;
             }
-            let c = &mut self.conns[ck];
-            let (room, written) = c.make_room(max_out);
-            self.counters.bytes_sent += written as u64;
-            if !room {
-                self.counters.dropped(Drop::OutputBound);
+            let version = s.version;
+            if !self.room_for_qos0(ck) {
                 continue;
             }
-            let v5 = s.version.is_v5();
+            let c = &mut self.conns[ck];
+            let v5 = version.is_v5();
             let custom = if v5 { custom_properties(m.properties, m.expires_at, &ids, now) } else { None };
             let header = PublishHeader {
                 dup: false,
@@ -207,13 +204,13 @@ impl Worker {
                 properties: custom.as_ref().or(m.properties),
             };
             if retain || custom.is_some() || c.out_aliases.is_some() {
-                if c.write_publish(s.version, &header, m.payload) {
+                if c.write_publish(version, &header, m.payload) {
                     sent_qos0 += 1;
                 }
             } else {
                 let (start, end) = *cached[v5 as usize].get_or_insert_with(|| {
                     let start = enc.len();
-                    header.encode(s.version, m.payload.len(), &mut enc);
+                    header.encode(version, m.payload.len(), &mut enc);
                     enc.extend_from_slice(m.payload);
                     (start, enc.len())
                 });
@@ -312,13 +309,10 @@ impl Worker {
         let s = &self.sessions[sk];
         let Some(ck) = s.conn else { return };
         let v = s.version;
-        let c = &mut self.conns[ck];
-        let (room, written) = c.make_room(self.shared.config.max_output_bytes);
-        self.counters.bytes_sent += written as u64;
-        if !room {
-            self.counters.dropped(Drop::OutputBound);
+        if !self.room_for_qos0(ck) {
             return;
         }
+        let c = &mut self.conns[ck];
         if c.write_delivery(v, &d, None, false, self.clock.now) {
             self.counters.sent(QoS::AtMostOnce, 1, d.msg.payload.len());
             self.latency.note(d.msg.read_at, 1);

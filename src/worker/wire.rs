@@ -262,25 +262,8 @@ impl Worker {
         let max_output = self.shared.config.max_output_bytes;
         let c = &mut self.conns[k];
         c.flags.write_blocked = false;
-        let mut failed = false;
-        while !c.wbuf.is_empty() {
-            match c.transport.write(&c.wbuf) {
-                Ok(0) => {
-                    failed = true;
-                    break;
-                }
-                Ok(n) => {
-                    self.counters.bytes_sent += n as u64;
-                    c.wbuf.advance(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
+        let (written, mut failed) = c.write_out();
+        self.counters.bytes_sent += written as u64;
         if !failed && c.transport.flush_pending().is_err() {
             failed = true;
         }
@@ -318,6 +301,32 @@ impl Worker {
         if let Some(sk) = c.session {
             self.pump(sk);
         }
+    }
+
+    /// Whether a QoS 0 delivery fits in a connection's output. A full buffer is first written to
+    /// the socket (once until the next flush if the socket takes nothing more), so a burst bigger
+    /// than `max_output_bytes` within one turn reaches a client that keeps reading; what still
+    /// does not fit is dropped and counted. A failed write is left for the flush, which closes.
+    #[inline]
+    pub(super) fn room_for_qos0(&mut self, k: ConnKey) -> bool {
+        let max = self.shared.config.max_output_bytes;
+        let c = &mut self.conns[k];
+        if c.wbuf.len() < max {
+            return true;
+        }
+        if !c.flags.write_blocked {
+            let (written, failed) = c.write_out();
+            self.counters.bytes_sent += written as u64;
+            c.flags.write_blocked = !c.wbuf.is_empty();
+            if failed {
+                self.mark_dirty(k);
+            }
+        }
+        let room = self.conns[k].wbuf.len() < max;
+        if !room {
+            self.counters.dropped(crate::metrics::Drop::OutputBound);
+        }
+        room
     }
 
     /// Frees the slots of connections closed this turn.
