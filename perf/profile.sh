@@ -4,6 +4,7 @@
 #
 #   perf/profile.sh fanout            # any tern-loadtest scenario, extra flags after it
 #   perf/profile.sh pairs --qos 1
+#   WORKERS=2 BROKER_CPU= perf/profile.sh fanin --publishers 4   # 2 workers, unpinned
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIO=${1:?usage: perf/profile.sh SCENARIO [tern-loadtest flags]}
@@ -20,7 +21,10 @@ if ! command -v inferno-flamegraph >/dev/null 2>&1; then
 fi
 cargo build --release -q -p tern -p tern-loadtest
 mkdir -p "$OUT"
-taskset -c 0 target/release/tern -p "$PORT" --workers 1 2>/dev/null &
+BROKER_CPU=${BROKER_CPU-0}   # empty: unpinned
+pin=()
+[ -n "$BROKER_CPU" ] && pin=(taskset -c "$BROKER_CPU")
+"${pin[@]}" target/release/tern -p "$PORT" --workers "${WORKERS:-1}" 2>/dev/null &
 BPID=$!
 trap 'kill $BPID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
