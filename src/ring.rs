@@ -78,6 +78,17 @@ impl<T> Producer<T> {
         r.tail.store(tail.wrapping_add(1), Ordering::Release);
         Ok(())
     }
+
+    /// Whether the ring holds fewer than `n` items; reads the consumer's index only when the
+    /// cached copy says otherwise.
+    pub fn holds_fewer_than(&mut self, n: usize) -> bool {
+        let tail = self.inner.tail.load(Ordering::Relaxed);
+        if tail.wrapping_sub(self.cached_head) < n {
+            return true;
+        }
+        self.cached_head = self.inner.head.load(Ordering::Acquire);
+        tail.wrapping_sub(self.cached_head) < n
+    }
 }
 
 impl<T> Consumer<T> {

@@ -19,12 +19,21 @@ use hashbrown::HashMap;
 use crate::session::Subscription;
 use crate::topic::SubTrie;
 
+/// Who wants messages matching a filter: a session of this worker, or a peer worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Session(u32),
+    Peer(u16),
+}
+
 #[derive(Default)]
 pub struct Router {
-    /// filter -> (session key, subscription) of this worker's sessions.
-    subs: SubTrie<u32, Subscription>,
-    /// filter -> peer workers that want it.
-    peers: SubTrie<u16, ()>,
+    /// filter -> this worker's sessions (with their subscription) and the peer workers that want
+    /// it: one trie, so routing a PUBLISH walks its topic once for both.
+    routes: SubTrie<Target, Subscription>,
+    /// Session entries and peer entries in `routes`.
+    local: usize,
+    interest: usize,
     /// Why this worker wants each filter it announced: subscribed sessions count once per
     /// filter, each shared group homed here once.
     announced: HashMap<Box<str>, u32, ahash::RandomState>,
@@ -53,7 +62,12 @@ impl Router {
 
     /// Subscriptions held by this worker's sessions.
     pub fn subscription_count(&self) -> usize {
-        self.subs.len()
+        self.local
+    }
+
+    /// This worker's sessions subscribed to exactly `filter`.
+    fn sessions_at(&self, filter: &str) -> usize {
+        self.routes.count_at_where(filter, |t| matches!(t, Target::Session(_)))
     }
 
     /// Filters this worker has announced: the size of every peer's interest table due to it.
@@ -62,14 +76,22 @@ impl Router {
     }
 
     pub fn subscribe(&mut self, filter: &str, session: u32, sub: Subscription) -> Subscribed {
-        let existed = self.subs.insert(filter, session, sub).ok().flatten().is_some();
-        let announce = !existed && self.subs.count_at(filter) == 1 && self.want(filter);
+        let inserted = self.routes.insert(filter, Target::Session(session), sub);
+        let existed = matches!(inserted, Ok(Some(_)));
+        if matches!(inserted, Ok(None)) {
+            self.local += 1;
+        }
+        let announce = !existed && self.sessions_at(filter) == 1 && self.want(filter);
         Subscribed { existed, announce }
     }
 
     /// Returns true when the filter should now be retracted from the peers.
     pub fn unsubscribe(&mut self, filter: &str, session: u32) -> bool {
-        self.subs.remove(filter, &session).is_some() && self.subs.count_at(filter) == 0 && self.unwant(filter)
+        if self.routes.remove(filter, &Target::Session(session)).is_none() {
+            return false;
+        }
+        self.local -= 1;
+        self.sessions_at(filter) == 0 && self.unwant(filter)
     }
 
     /// One more reason to want `filter`; true when it is the first (announce it).
@@ -97,33 +119,43 @@ impl Router {
     /// A peer announced or retracted a filter.
     pub fn peer_interest(&mut self, filter: &str, worker: u16, present: bool) {
         if present {
-            let _ = self.peers.insert(filter, worker, ());
-        } else {
-            self.peers.remove(filter, &worker);
+            if let Ok(None) = self.routes.insert(filter, Target::Peer(worker), Subscription::default()) {
+                self.interest += 1;
+            }
+        } else if self.routes.remove(filter, &Target::Peer(worker)).is_some() {
+            self.interest -= 1;
         }
     }
 
     /// This worker's subscriptions matching `topic`, appended to `out`.
     pub fn local_matches(&mut self, topic: &str, out: &mut Vec<(u32, Subscription)>) {
-        if self.subs.is_empty() {
+        if self.local == 0 {
             return;
         }
         self.walks += 1;
-        self.subs.for_each_match(topic, |&sk, &sub| out.push((sk, sub)));
+        self.routes.for_each_match(topic, |t, &sub| {
+            if let Target::Session(sk) = *t {
+                out.push((sk, sub));
+            }
+        });
     }
 
-    /// The peers that want `topic`, each once, appended to `out`.
-    pub fn peers_matching(&mut self, topic: &str, out: &mut Vec<u16>) {
-        if self.peers.is_empty() {
+    /// In one walk: this worker's subscriptions matching `topic`, appended to `local`, and the
+    /// peers that want it, each once, appended to `peers`.
+    pub fn matches(&mut self, topic: &str, local: &mut Vec<(u32, Subscription)>, peers: &mut Vec<u16>) {
+        if self.local == 0 && self.interest == 0 {
             return;
         }
         self.walks += 1;
         self.round += 1;
         let (seen, round) = (&mut self.seen, self.round);
-        self.peers.for_each_match(topic, |&w, _| {
-            if seen[w as usize] != round {
-                seen[w as usize] = round;
-                out.push(w);
+        self.routes.for_each_match(topic, |t, &sub| match *t {
+            Target::Session(sk) => local.push((sk, sub)),
+            Target::Peer(w) => {
+                if seen[w as usize] != round {
+                    seen[w as usize] = round;
+                    peers.push(w);
+                }
             }
         });
     }
@@ -161,13 +193,16 @@ mod tests {
         r.peer_interest("a/#", 1, true);
         r.peer_interest("a/b", 1, true);
         r.peer_interest("+/b", 3, true);
-        let mut out = vec![];
-        r.peers_matching("a/b", &mut out);
+        r.subscribe("a/b", 7, Subscription::default());
+        let (mut local, mut out) = (vec![], vec![]);
+        r.matches("a/b", &mut local, &mut out);
         out.sort();
         assert_eq!(out, [1, 3]);
+        assert_eq!(local, [(7, Subscription::default())], "one walk finds both");
         out.clear();
         r.peer_interest("+/b", 3, false);
-        r.peers_matching("a/b", &mut out);
+        r.matches("a/b", &mut vec![], &mut out);
         assert_eq!(out, [1]);
+        assert_eq!((r.subscription_count(), r.walks), (1, 2));
     }
 }

@@ -135,6 +135,11 @@ impl<K: PartialEq + Copy, V> SubTrie<K, V> {
         self.list_at(filter).map_or(0, |l| l.len())
     }
 
+    /// How many subscribers `filter` has, exactly as written, among those `which` picks.
+    pub fn count_at_where(&self, filter: &str, which: impl Fn(&K) -> bool) -> usize {
+        self.list_at(filter).map_or(0, |l| l.iter().filter(|(k, _)| which(k)).count())
+    }
+
     /// Calls `f` for every subscription whose filter matches `topic`. A subscriber with several
     /// matching filters is reported once per filter, so the caller can merge them (one delivery at
     /// the highest QoS, every subscription identifier).

@@ -27,6 +27,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::batch;
+use super::deliver::View;
 use super::mailbox::Mail;
 use super::Worker;
 use crate::codec::{MqttStr, QoS};
@@ -52,10 +54,72 @@ struct Entry {
     sent: u64,
     /// What it counts against `MAX_BYTES` (kept here: trimming reads no message).
     cost: usize,
-    msg: Arc<Message>,
+    msg: Kept,
     /// Sessions (worker, session, uid) already given this message by catching up: a second
     /// SUBSCRIBE of theirs within the window must not get it again.
     given: Option<Box<Vec<(u16, u32, u64)>>>,
+}
+
+/// Where a listed message is: a plain one (`batch::fits`) is copied into the log, so listing it
+/// allocates nothing; the others are shared.
+enum Kept {
+    Log(u64),
+    Shared(Arc<Message>),
+}
+
+/// Listed plain messages, one after another in chunks that are never moved or grown (so nothing
+/// is copied twice), addressed by their offset since the worker started; a chunk goes once the
+/// list holds nothing in it.
+#[derive(Default)]
+struct Log {
+    /// (offset of the chunk's first byte, chunk), oldest first.
+    chunks: VecDeque<(u64, Vec<u8>)>,
+    end: u64,
+    /// One emptied chunk, kept for the next.
+    spare: Option<Vec<u8>>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl Log {
+    fn append(&mut self, m: &View<'_>, seq: u32) -> u64 {
+        let n = batch::size(m);
+        let room = self.chunks.back().is_some_and(|(_, c)| c.capacity() - c.len() >= n);
+        if !room {
+            let chunk = match self.spare.take() {
+                Some(c) if c.capacity() >= n => c,
+                _ => Vec::with_capacity(CHUNK.max(n)),
+            };
+            self.chunks.push_back((self.end, chunk));
+        }
+        let at = self.end;
+        if let Some((_, c)) = self.chunks.back_mut() {
+            batch::append(c, m, seq);
+        }
+        self.end += n as u64;
+        at
+    }
+
+    fn get(&self, at: u64) -> Option<View<'_>> {
+        let i = self.chunks.partition_point(|(start, _)| *start <= at).checked_sub(1)?;
+        let (start, c) = &self.chunks[i];
+        batch::read(c.get((at - start) as usize..)?).map(|(v, _, _)| v)
+    }
+
+    /// Drops the chunks that end at or before `at`.
+    fn release(&mut self, at: u64) {
+        while let Some((start, c)) = self.chunks.front() {
+            if start + c.len() as u64 > at || (self.chunks.len() == 1 && at < self.end) {
+                break;
+            }
+            if let Some((_, mut c)) = self.chunks.pop_front() {
+                c.clear();
+                if c.capacity() == CHUNK {
+                    self.spare = Some(c);
+                }
+            }
+        }
+    }
 }
 
 /// What a worker routed in the last moments.
@@ -64,6 +128,7 @@ pub struct Recent {
     /// each).
     pub on: bool,
     entries: VecDeque<Entry>,
+    log: Log,
     bytes: usize,
     /// The sequence number of the last message put on the list; every `Mail::Publish` carries
     /// the current one.
@@ -127,10 +192,6 @@ impl<'a> Fresh<'a> {
     }
 }
 
-fn cost(m: &Message) -> usize {
-    m.topic.len() + m.payload.len() + 64
-}
-
 /// `a` comes after `b`, in wrapping order.
 fn after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
@@ -142,6 +203,7 @@ impl Recent {
         Recent {
             on: enabled && workers > 1 && workers <= 64,
             entries: VecDeque::new(),
+            log: Log::default(),
             bytes: 0,
             seq: 0,
             taken: vec![0; workers],
@@ -157,23 +219,39 @@ impl Recent {
         self.seq
     }
 
-    /// Puts a routed message on the list, under the sequence number `next_seq` gave it.
-    pub fn record(&mut self, arrived: u64, seq: u32, peers: &[u16], msg: Arc<Message>) {
+    /// Puts a routed message on the list, under the sequence number `next_seq` gave it: a copy in
+    /// the log if it is plain, else the shared message (made now if there is none yet).
+    pub fn record(&mut self, m: &View<'_>, seq: u32, peers: &[u16], shared: &mut Option<Arc<Message>>) {
         let sent = peers.iter().fold(0u64, |m, &p| m | 1 << p);
-        let cost = cost(&msg);
+        let cost = m.topic.len() + m.payload.len() + 64;
+        let msg = if batch::fits(m) {
+            Kept::Log(self.log.append(m, seq))
+        } else {
+            Kept::Shared(shared.get_or_insert_with(|| m.to_message()).clone())
+        };
         self.bytes += cost;
-        self.entries.push_back(Entry { arrived, seq, sent, cost, msg, given: None });
-        self.trim(arrived.saturating_sub(WINDOW_NS));
+        self.entries.push_back(Entry { arrived: m.arrived, seq, sent, cost, msg, given: None });
+        self.trim(m.arrived.saturating_sub(WINDOW_NS));
     }
 
     /// Drops what arrived before `before`, and the oldest past the bounds.
     pub fn trim(&mut self, before: u64) {
+        let mut dropped = false;
         while let Some(e) = self.entries.front() {
             if e.arrived >= before && self.entries.len() <= MAX_ENTRIES && self.bytes <= MAX_BYTES {
                 break;
             }
             self.bytes -= e.cost;
             self.entries.pop_front();
+            dropped = true;
+        }
+        if dropped {
+            // The log holds nothing older than the oldest entry still listed in it.
+            let oldest = self.entries.iter().find_map(|e| match e.msg {
+                Kept::Log(at) => Some(at),
+                Kept::Shared(_) => None,
+            });
+            self.log.release(oldest.unwrap_or(self.log.end));
         }
     }
 
@@ -192,17 +270,35 @@ impl Recent {
 
     /// Messages on the list that arrived after `since` and match one of `filters` (with those
     /// they match), newest first.
-    fn matching(&mut self, since: u64, filters: &Fresh<'_>, mut f: impl FnMut(&mut Entry, Vec<MqttStr>)) {
-        for e in self.entries.iter_mut().rev() {
+    fn matching(&mut self, since: u64, filters: &Fresh<'_>, mut f: impl FnMut(&mut Entry, Vec<MqttStr>, &Log)) {
+        let Recent { entries, log, .. } = self;
+        for e in entries.iter_mut().rev() {
             if e.arrived.saturating_add(SKEW_NS) < since {
                 break;
             }
             if e.arrived > since {
-                let matched = filters.matched(&e.msg.topic);
+                let matched = e.topic(log).map(|t| filters.matched(t)).unwrap_or_default();
                 if !matched.is_empty() {
-                    f(e, matched);
+                    f(e, matched, log);
                 }
             }
+        }
+    }
+}
+
+impl Entry {
+    fn topic<'a>(&'a self, log: &'a Log) -> Option<&'a str> {
+        match &self.msg {
+            Kept::Log(at) => log.get(*at).map(|v| v.topic),
+            Kept::Shared(m) => Some(&m.topic),
+        }
+    }
+
+    /// The message, shared.
+    fn message(&self, log: &Log) -> Option<Arc<Message>> {
+        match &self.msg {
+            Kept::Log(at) => log.get(*at).map(|v| v.to_message()),
+            Kept::Shared(m) => Some(m.clone()),
         }
     }
 }
@@ -223,7 +319,7 @@ impl Worker {
         let Some(uid) = self.sessions.get(sk).map(|s| s.uid) else { return };
         let mut own = Vec::new();
         let fresh = Fresh::new(&filters);
-        self.recent.matching(since, &fresh, |e, matched| own.push((e.msg.clone(), matched)));
+        self.recent.matching(since, &fresh, |e, matched, log| own.extend(e.message(log).map(|m| (m, matched))));
         // Oldest first, as they were routed.
         for (msg, matched) in own.into_iter().rev() {
             self.catch_up(sk, uid, &matched, msg, true);
@@ -248,14 +344,15 @@ impl Worker {
         let mut found = Vec::new();
         let who = (ask.worker, ask.session, ask.uid);
         let fresh = Fresh::new(&ask.filters);
-        self.recent.matching(ask.since, &fresh, |e, matched| {
+        self.recent.matching(ask.since, &fresh, |e, matched, log| {
             let sent = e.sent & bit != 0;
             if sent && after(e.seq, ask.mark)
                 || e.given.as_ref().is_some_and(|g| g.len() >= GIVEN_MAX || g.contains(&who))
             {
                 return;
             }
-            found.push((e.msg.clone(), matched, sent));
+            let Some(msg) = e.message(log) else { return };
+            found.push((msg, matched, sent));
             if !sent {
                 // Nothing else of this message reached that worker: it is given now, whatever
                 // the session's other filters.
@@ -321,45 +418,71 @@ impl Worker {
 mod tests {
     use super::*;
 
-    fn msg(topic: &str) -> Arc<Message> {
-        Arc::new(Message::plain(topic, bytes::Bytes::new(), QoS::AtMostOnce, false))
+    /// Lists a plain message on topic `topic` that arrived at `arrived`, sent to `peers`.
+    fn list(r: &mut Recent, arrived: u64, topic: &str, peers: &[u16]) {
+        let m = Message::plain(topic, bytes::Bytes::from_static(b"payload"), QoS::AtMostOnce, false);
+        let v = View { arrived, ..super::super::deliver::view(&m) };
+        let seq = r.next_seq(true);
+        r.record(&v, seq, peers, &mut None);
+    }
+
+    fn topics(r: &mut Recent, since: u64, filters: &[MqttStr]) -> Vec<(String, Vec<MqttStr>)> {
+        let mut got = vec![];
+        r.matching(since, &Fresh::new(filters), |e, m, log| {
+            got.push((e.message(log).expect("listed").topic.to_string(), m))
+        });
+        got
     }
 
     #[test]
     fn the_list_is_bounded_by_age_count_and_bytes() {
         let mut r = Recent::new(2, true);
         for i in 0..(MAX_ENTRIES as u64 + 10) {
-            let seq = r.next_seq(true);
-            r.record(1_000 + i, seq, &[], msg("a"));
+            list(&mut r, 1_000 + i, "a", &[]);
         }
         assert_eq!(r.len(), MAX_ENTRIES);
-        let seq = r.next_seq(true);
-        r.record(10 * WINDOW_NS, seq, &[1], msg("a"));
+        list(&mut r, 10 * WINDOW_NS, "a", &[1]);
         assert_eq!(r.len(), 1, "everything older than the window goes");
+        assert_eq!(r.log.chunks.len(), 1, "and so do the log chunks only it was in");
         r.trim(u64::MAX);
-        assert_eq!((r.len(), r.bytes), (0, 0));
+        assert_eq!((r.len(), r.bytes, r.log.chunks.len()), (0, 0, 0));
     }
 
     #[test]
     fn only_what_arrived_after_the_subscribe_and_matches_is_found() {
         let mut r = Recent::new(2, true);
         for (t, topic) in [(100, "a/1"), (200, "b/1"), (300, "a/2"), (400, "a/3")] {
-            let seq = r.next_seq(true);
-            r.record(t, seq, &[], msg(topic));
+            list(&mut r, t, topic, &[]);
         }
-        let mut got = vec![];
-        let filters = [MqttStr::from("a/+")];
-        r.matching(250, &Fresh::new(&filters), |e, _| got.push(e.msg.topic.to_string()));
-        assert_eq!(got, ["a/3", "a/2"]);
+        let got = topics(&mut r, 250, &[MqttStr::from("a/+")]);
+        assert_eq!(got.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["a/3", "a/2"]);
         // Many filters go through a trie, with the same answers.
         let many: Vec<MqttStr> =
             (0..100).map(|i| MqttStr::from(format!("x/{i}"))).chain([MqttStr::from("a/#")]).collect();
-        let mut got = vec![];
-        r.matching(250, &Fresh::new(&many), |e, m| got.push((e.msg.topic.to_string(), m)));
+        let got = topics(&mut r, 250, &many);
         assert_eq!(
             got,
             [("a/3".to_string(), vec![MqttStr::from("a/#")]), ("a/2".to_string(), vec![MqttStr::from("a/#")])]
         );
         assert!(after(1, u32::MAX) && !after(u32::MAX, 1), "sequence numbers wrap");
+    }
+
+    #[test]
+    fn the_log_gives_back_messages_across_chunks_and_keeps_the_chunks_still_listed() {
+        let mut r = Recent::new(2, true);
+        let big = "t/".to_string() + &"x".repeat(1000);
+        // About 1 KiB each: several chunks.
+        for i in 0..1000u64 {
+            list(&mut r, 1_000 + i, &format!("{big}/{i}"), &[]);
+        }
+        assert!(r.log.chunks.len() > 2);
+        let got = topics(&mut r, 1_500, &[MqttStr::from("t/#")]);
+        assert_eq!(got.len(), 499);
+        assert_eq!(got[0].0, format!("{big}/999"));
+        assert_eq!(got[498].0, format!("{big}/501"));
+        r.trim(1_900);
+        let got = topics(&mut r, 0, &[MqttStr::from("t/#")]);
+        assert_eq!((got.len(), got[99].0.clone()), (100, format!("{big}/900")));
+        assert!(r.log.chunks.len() <= 2, "chunks of trimmed messages go: {}", r.log.chunks.len());
     }
 }

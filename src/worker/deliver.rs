@@ -49,7 +49,7 @@ impl View<'_> {
     }
 }
 
-fn view(m: &Message) -> View<'_> {
+pub(super) fn view(m: &Message) -> View<'_> {
     View {
         topic: &m.topic,
         payload: &m.payload,
@@ -77,6 +77,8 @@ impl Worker {
     pub(super) fn route_view(&mut self, m: &View<'_>, mut shared: Option<Arc<Message>>) -> bool {
         let mut peers = std::mem::take(&mut self.scratch.peers);
         peers.clear();
+        let mut matches = std::mem::take(&mut self.scratch.matches);
+        matches.clear();
         let mut keep = false;
         if m.retain {
             peers.extend(self.mailbox.peers().map(|p| p as u16));
@@ -84,24 +86,29 @@ impl Worker {
             keep = self.room_to_retain(&msg);
             self.store_retained(&msg, keep);
             self.persist_retained(&msg, keep);
+            self.router.local_matches(m.topic, &mut matches);
         } else {
-            self.router.peers_matching(m.topic, &mut peers);
+            self.router.matches(m.topic, &mut matches, &mut peers);
         }
         let remote = !peers.is_empty();
         // Kept a moment for subscriptions that arrived before it but are read after (`catchup`).
         let listed = self.recent.on && m.arrived != 0 && !m.retain;
         let seq = self.recent.next_seq(listed);
+        let plain = super::batch::fits(m);
         for &p in &peers {
-            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
             if m.qos != QoS::AtMostOnce {
                 self.mailbox.charge(p as usize);
             }
-            self.mailbox.send(p as usize, Mail::Publish { msg, keep, seq });
+            if plain {
+                self.mailbox.publish(p as usize, m, seq);
+            } else {
+                let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+                self.mailbox.send(p as usize, Mail::Publish { msg, keep, seq });
+            }
         }
-        let matched = self.deliver(m, &mut shared) || remote;
+        let matched = self.deliver_matched(m, &mut shared, matches) || remote;
         if listed {
-            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
-            self.recent.record(m.arrived, seq, &peers, msg);
+            self.recent.record(m, seq, &peers, &mut shared);
         }
         self.scratch.peers = peers;
         matched
@@ -116,16 +123,28 @@ impl Worker {
     /// highest granted QoS with every matching subscription identifier, at min(published, granted)
     /// QoS; and to one member of each matching shared group homed here. Returns whether anything
     /// matched.
-    fn deliver(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
-        let now = self.clock.now;
-        if m.expires_at.is_some_and(|t| t <= now) {
-            self.counters.dropped(Drop::Expired);
-            return true;
-        }
-        let groups_matched = self.deliver_shared(m, shared);
+    pub(super) fn deliver(&mut self, m: &View<'_>, shared: &mut Option<Arc<Message>>) -> bool {
         let mut matches = std::mem::take(&mut self.scratch.matches);
         matches.clear();
         self.router.local_matches(m.topic, &mut matches);
+        self.deliver_matched(m, shared, matches)
+    }
+
+    /// `deliver`, to the subscriptions `matches` that the router found for the topic (the
+    /// worker's scratch list, given back).
+    fn deliver_matched(
+        &mut self,
+        m: &View<'_>,
+        shared: &mut Option<Arc<Message>>,
+        mut matches: Vec<(u32, crate::session::Subscription)>,
+    ) -> bool {
+        let now = self.clock.now;
+        if m.expires_at.is_some_and(|t| t <= now) {
+            self.counters.dropped(Drop::Expired);
+            self.scratch.matches = matches;
+            return true;
+        }
+        let groups_matched = self.deliver_shared(m, shared);
         if matches.is_empty() {
             self.scratch.matches = matches;
             return groups_matched;

@@ -18,6 +18,18 @@ impl Worker {
 
     fn on_mail(&mut self, from: usize, mail: Mail) {
         match mail {
+            Mail::Batch(batch) => {
+                for (m, seq) in batch.iter() {
+                    self.recent.took(from, seq);
+                    if m.qos != crate::codec::QoS::AtMostOnce {
+                        self.mailbox.owe_credit(from);
+                    }
+                    if m.stamp != 0 {
+                        self.routed(m.stamp);
+                    }
+                    self.deliver(&m, &mut None);
+                }
+            }
             Mail::Publish { msg, keep, seq } => {
                 self.recent.took(from, seq);
                 if msg.qos != crate::codec::QoS::AtMostOnce {

@@ -10,7 +10,9 @@ use std::time::Instant;
 use bytes::BytesMut;
 use slab::Slab;
 
+use super::batch::{self, Batch, BATCH_BYTES};
 use super::conn::ConnKey;
+use super::deliver::View;
 use crate::broker::Shared;
 use crate::codec::{Connect, MqttStr, SubAck};
 use crate::ring::{Consumer, Producer};
@@ -19,6 +21,12 @@ use crate::session::{Delivery, GroupKey, Message, SessionKey, Subscription};
 
 /// Messages a worker holds for a peer whose ring is full, before it drops (and counts) them.
 pub const OVERFLOW_LIMIT: usize = 64 * 1024;
+/// Bytes of batched QoS 0 messages a worker holds for a peer whose ring is full, before it drops
+/// (and counts) them.
+pub const OVERFLOW_BYTES: usize = 8 << 20;
+/// A batch is pushed only while the ring holds fewer entries than this: what one ring can hold in
+/// batches is bounded in bytes (32 x `BATCH_BYTES`), not only in entries.
+pub const RING_BATCHES: usize = 32;
 
 /// A ticket for an operation waiting on peers: (the waiting worker's index into its `Pending`).
 pub type Ticket = u32;
@@ -26,9 +34,12 @@ pub type Ticket = u32;
 /// What one worker sends another. Kept to 16 bytes (larger variants are boxed): a ring is an
 /// array of these, one ring per ordered pair of workers.
 pub enum Mail {
-    /// A message to deliver to the receiver's matching sessions; a retained one is stored in the
-    /// receiver's replica if `keep` (the sender found room for it under the retained budgets, so
-    /// every replica makes the same choice).
+    /// Plain messages to deliver to the receiver's matching sessions, in routing order (`batch`).
+    Batch(Box<Batch>),
+    /// A message that is not plain (retained, with properties or an expiry) to deliver to the
+    /// receiver's matching sessions; a retained one is stored in the receiver's replica if `keep`
+    /// (the sender found room for it under the retained budgets, so every replica makes the same
+    /// choice).
     Publish {
         msg: Arc<Message>,
         keep: bool,
@@ -101,6 +112,10 @@ pub struct Mailbox {
     outbox: Vec<Option<Producer<Mail>>>,
     inbox: Vec<Option<Consumer<Mail>>>,
     overflow: Vec<VecDeque<Mail>>,
+    /// Bytes of the batches in `overflow`, per peer.
+    held_bytes: Vec<usize>,
+    /// The batch being filled for each peer this turn.
+    batches: Vec<Batch>,
     wake: Vec<bool>,
     /// Pushes into rings, and wake-ups sent, for `$SYS/broker/internal/`.
     pub pushes: u64,
@@ -126,6 +141,8 @@ impl Mailbox {
             outbox,
             inbox,
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
+            held_bytes: vec![0; n],
+            batches: (0..n).map(|_| Batch::default()).collect(),
             wake: vec![false; n],
             pushes: 0,
             wakeups: 0,
@@ -188,35 +205,78 @@ impl Mailbox {
         self.outbox.len().saturating_sub(1)
     }
 
-    /// Sends mail to a peer; kept in order behind mail that already waits for room.
+    /// Adds a plain message (`batch::fits`) to the batch for a peer, sent at the end of the turn
+    /// or once it holds `BATCH_BYTES`.
+    pub fn publish(&mut self, to: usize, m: &View<'_>, seq: u32) {
+        let b = &mut self.batches[to];
+        if b.buf.capacity() == 0 {
+            b.buf.reserve(BATCH_BYTES.min(batch::size(m) * 64));
+        }
+        b.push(m, seq);
+        if b.buf.len() >= BATCH_BYTES {
+            self.send_batch(to);
+        }
+    }
+
+    /// Sends the batch for `to`, if it holds anything.
+    fn send_batch(&mut self, to: usize) {
+        if self.batches[to].count > 0 {
+            let b = std::mem::take(&mut self.batches[to]);
+            self.push_or_hold(to, Mail::Batch(Box::new(b)));
+        }
+    }
+
+    /// Sends every peer its batch: at the end of the turn, before the wake-ups.
+    pub fn send_batches(&mut self) {
+        for to in 0..self.batches.len() {
+            self.send_batch(to);
+        }
+    }
+
+    /// Sends mail to a peer, behind the messages batched for it and the mail that already waits
+    /// for room: the ring's order is the order things happened.
     pub fn send(&mut self, to: usize, mail: Mail) {
+        self.send_batch(to);
+        self.push_or_hold(to, mail);
+    }
+
+    fn push_or_hold(&mut self, to: usize, mail: Mail) {
         if self.overflow[to].is_empty() {
-            let Some(p) = self.outbox[to].as_mut() else { return };
-            match p.push(mail) {
-                Ok(()) => {
-                    self.pushes += 1;
-                    self.wake[to] = true;
-                }
-                Err(mail) => self.hold(to, mail),
+            if let Err(mail) = self.push(to, mail) {
+                self.hold(to, mail);
             }
         } else {
             self.hold(to, mail);
         }
     }
 
-    /// Keeps mail for a peer whose ring is full. Past `OVERFLOW_LIMIT` a QoS 0 message or a
-    /// connection being handed over is dropped (counted); everything else is kept, because losing
-    /// it would lose an acknowledged message or leave a SUBSCRIBE or a paused publisher waiting
-    /// forever. What is kept is bounded elsewhere: QoS 1/2 messages by the credit window, control
-    /// mail by one round trip per connection at a time, and the worker stops reading while any
-    /// mail is held.
+    /// Pushes into the ring to `to`, unless it is full (for a batch: holds `RING_BATCHES`).
+    fn push(&mut self, to: usize, mail: Mail) -> Result<(), Mail> {
+        let Some(p) = self.outbox[to].as_mut() else { return Ok(()) };
+        if matches!(mail, Mail::Batch(_)) && !p.holds_fewer_than(RING_BATCHES) {
+            return Err(mail);
+        }
+        p.push(mail)?;
+        self.pushes += 1;
+        self.wake[to] = true;
+        Ok(())
+    }
+
+    /// Keeps mail for a peer whose ring is full. Past `OVERFLOW_LIMIT` (for batches of QoS 0
+    /// messages, `OVERFLOW_BYTES`) a QoS 0 message or a connection being handed over is dropped
+    /// (counted); everything else is kept, because losing it would lose an acknowledged message
+    /// or leave a SUBSCRIBE or a paused publisher waiting forever. What is kept is bounded
+    /// elsewhere: QoS 1/2 messages by the credit window, control mail by one round trip per
+    /// connection at a time, and the worker stops reading while any mail is held.
     fn hold(&mut self, to: usize, mail: Mail) {
-        let droppable = match &mail {
-            Mail::Publish { msg, .. } => msg.qos == crate::codec::QoS::AtMostOnce,
-            Mail::Handover(_) | Mail::CatchUp(_) => true,
-            _ => false,
+        let full = self.overflow[to].len() >= OVERFLOW_LIMIT;
+        let (droppable, count) = match &mail {
+            Mail::Batch(b) => (b.qos0_only && (full || self.held_bytes[to] >= OVERFLOW_BYTES), b.count as u64),
+            Mail::Publish { msg, .. } => (full && msg.qos == crate::codec::QoS::AtMostOnce, 1),
+            Mail::Handover(_) | Mail::CatchUp(_) => (full, 1),
+            _ => (false, 0),
         };
-        if droppable && self.overflow[to].len() >= OVERFLOW_LIMIT {
+        if droppable {
             if let Mail::Handover(h) = &mail {
                 log::warn!(
                     "worker {}: peer {to} saturated, refusing a connection from {}",
@@ -225,8 +285,11 @@ impl Mailbox {
                 );
                 self.lost_connections += 1;
             }
-            self.dropped += 1;
+            self.dropped += count;
             return;
+        }
+        if let Mail::Batch(b) = &mail {
+            self.held_bytes[to] += b.buf.len();
         }
         self.overflow[to].push_back(mail);
     }
@@ -241,12 +304,9 @@ impl Mailbox {
     pub fn send_overflow(&mut self) {
         for to in 0..self.overflow.len() {
             while let Some(mail) = self.overflow[to].pop_front() {
-                let Some(p) = self.outbox[to].as_mut() else { break };
-                match p.push(mail) {
-                    Ok(()) => {
-                        self.pushes += 1;
-                        self.wake[to] = true;
-                    }
+                let bytes = if let Mail::Batch(b) = &mail { b.buf.len() } else { 0 };
+                match self.push(to, mail) {
+                    Ok(()) => self.held_bytes[to] -= bytes,
                     Err(mail) => {
                         self.overflow[to].push_front(mail);
                         self.wake[to] = true;

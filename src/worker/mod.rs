@@ -15,6 +15,7 @@
 //! step 4, so no handler ever finds a key it holds pointing at nothing.
 
 mod auth;
+mod batch;
 mod bridge;
 mod catchup;
 mod conn;
@@ -233,6 +234,7 @@ impl Worker {
         inbox: Vec<Option<Consumer<Mail>>>,
     ) -> Worker {
         let n = shared.workers;
+        batch::epoch();
         // Sized for this worker's share of `max_connections` up front: the memory is only
         // reserved, and pages are touched as entries are used, so growth never copies.
         let per_worker = shared.config.max_connections.div_ceil(n);
@@ -356,6 +358,7 @@ impl Worker {
             self.latency.end_turn(Instant::now());
         }
         self.reap();
+        self.mailbox.send_batches();
         self.mailbox.send_credits();
         self.mailbox.send_overflow();
         self.feed_starved();

@@ -1,0 +1,238 @@
+//! The layout of a routed message copied into a byte buffer: how a batch of messages crosses to a
+//! peer worker in one ring slot (`Batch`), and how the arrival-order list keeps what it routed
+//! (`catchup::Log`). It owns the layout and nothing else: no routing, no I/O.
+//!
+//! Why bytes and not one `Arc<Message>` per message: a shared message costs three allocations on
+//! the sender (the `Arc`, topic and payload) and three frees on the receiving thread, which glibc
+//! pays for with arena locks; a ring slot per message also costs the receiver a cache miss per
+//! message. A batch is one allocation per peer per loop turn (or per `BATCH_BYTES`), read in
+//! order, and a QoS 0 message crosses with no allocation at all: the receiver routes it straight
+//! from the batch, as it routes a PUBLISH straight from its read buffer. Only what must be kept
+//! (a QoS 1/2 queue entry) becomes a `Message` there, allocated and freed on one thread.
+//!
+//! Only plain messages travel this way: not retained (every replica stores it), without 5.0
+//! properties or an expiry (`fits`). The others keep `Mail::Publish`; a batch is sent ahead of any
+//! other mail to the same peer, so the ring's order is the routing order either way.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::deliver::View;
+use crate::codec::QoS;
+use crate::session::Publisher;
+
+/// A batch is sent once it holds this much, without waiting for the end of the turn.
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// Bytes before the topic: length, flags, seq, stamp, origin, publisher, read time, topic length.
+const HEAD: usize = 4 + 1 + 4 + 8 + 6 + 14 + 8 + 2;
+
+const HAS_ORIGIN: u8 = 1 << 2;
+const HAS_PUBLISHER: u8 = 1 << 3;
+const HAS_READ_AT: u8 = 1 << 4;
+
+/// Messages on their way to one peer, in routing order.
+#[derive(Default)]
+pub struct Batch {
+    pub buf: Vec<u8>,
+    pub count: u32,
+    /// Every message in it is QoS 0: it may be dropped whole when the peer cannot take it.
+    pub qos0_only: bool,
+}
+
+impl Batch {
+    pub fn push(&mut self, m: &View<'_>, seq: u32) {
+        if self.count == 0 {
+            self.qos0_only = true;
+        }
+        self.qos0_only &= m.qos == QoS::AtMostOnce;
+        self.count += 1;
+        append(&mut self.buf, m, seq);
+    }
+
+    /// The messages, in order, with the sequence number each was sent under.
+    pub fn iter(&self) -> impl Iterator<Item = (View<'_>, u32)> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let (v, seq, len) = read(&self.buf[at..])?;
+            at += len;
+            Some((v, seq))
+        })
+    }
+}
+
+/// Whether a message can be copied into a batch (see the module doc).
+pub fn fits(m: &View<'_>) -> bool {
+    !m.retain && m.properties.is_none() && m.expires_at.is_none() && m.topic.len() <= u16::MAX as usize
+}
+
+/// What `append` adds for a message.
+pub fn size(m: &View<'_>) -> usize {
+    HEAD + m.topic.len() + m.payload.len()
+}
+
+/// Instants as nanoseconds since the first one asked for (by `Worker::new`, before any read), so
+/// a read time can cross as a number.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Copies `m` (which `fits`) to the end of `buf`.
+pub fn append(buf: &mut Vec<u8>, m: &View<'_>, seq: u32) {
+    let len = size(m);
+    let mut flags = m.qos as u8;
+    let (ow, os) = m.origin.map_or((0, 0), |o| {
+        flags |= HAS_ORIGIN;
+        o
+    });
+    let p = m.publisher.map_or(Publisher { worker: 0, conn: 0, conn_uid: 0 }, |p| {
+        flags |= HAS_PUBLISHER;
+        p
+    });
+    let read_at = m.read_at.map_or(0, |t| {
+        flags |= HAS_READ_AT;
+        t.saturating_duration_since(epoch()).as_nanos() as u64
+    });
+    // The head is built on the stack and copied in once: one bounds check, not ten.
+    let mut head = [0u8; HEAD];
+    head[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    head[4] = flags;
+    head[5..9].copy_from_slice(&seq.to_le_bytes());
+    head[9..17].copy_from_slice(&m.stamp.to_le_bytes());
+    head[17..19].copy_from_slice(&ow.to_le_bytes());
+    head[19..23].copy_from_slice(&os.to_le_bytes());
+    head[23..25].copy_from_slice(&p.worker.to_le_bytes());
+    head[25..29].copy_from_slice(&p.conn.to_le_bytes());
+    head[29..37].copy_from_slice(&p.conn_uid.to_le_bytes());
+    head[37..45].copy_from_slice(&read_at.to_le_bytes());
+    head[45..47].copy_from_slice(&(m.topic.len() as u16).to_le_bytes());
+    buf.reserve(len);
+    buf.extend_from_slice(&head);
+    buf.extend_from_slice(m.topic.as_bytes());
+    buf.extend_from_slice(m.payload);
+}
+
+/// Reads the fixed-size field at `at`.
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(&b[at..at + N]);
+    out
+}
+
+/// The message at the start of `b`, its sequence number and its length; None at the end (or, never
+/// expected, a record this module did not write).
+pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
+    if b.len() < HEAD {
+        return None;
+    }
+    let len = u32::from_le_bytes(field(b, 0)) as usize;
+    let topic_len = u16::from_le_bytes(field(b, HEAD - 2)) as usize;
+    if len > b.len() || HEAD + topic_len > len {
+        return None;
+    }
+    let flags = b[4];
+    let qos = match flags & 3 {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    let seq = u32::from_le_bytes(field(b, 5));
+    let stamp = u64::from_le_bytes(field(b, 9));
+    let origin =
+        (flags & HAS_ORIGIN != 0).then(|| (u16::from_le_bytes(field(b, 17)), u32::from_le_bytes(field(b, 19))));
+    let publisher = (flags & HAS_PUBLISHER != 0).then(|| Publisher {
+        worker: u16::from_le_bytes(field(b, 23)),
+        conn: u32::from_le_bytes(field(b, 25)),
+        conn_uid: u64::from_le_bytes(field(b, 29)),
+    });
+    let read_at = (flags & HAS_READ_AT != 0).then(|| epoch() + Duration::from_nanos(u64::from_le_bytes(field(b, 37))));
+    let topic = std::str::from_utf8(&b[HEAD..HEAD + topic_len]).ok()?;
+    let view = View {
+        topic,
+        payload: &b[HEAD + topic_len..len],
+        qos,
+        retain: false,
+        properties: None,
+        origin,
+        publisher,
+        expires_at: None,
+        stamp,
+        read_at,
+        arrived: 0,
+    };
+    Some((view, seq, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(topic: &'a str, payload: &'a [u8], qos: QoS) -> View<'a> {
+        View {
+            topic,
+            payload,
+            qos,
+            retain: false,
+            properties: None,
+            origin: None,
+            publisher: None,
+            expires_at: None,
+            stamp: 0,
+            read_at: None,
+            arrived: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_back_every_message_in_order_with_what_routing_needs() {
+        epoch();
+        let now = Instant::now();
+        let mut b = Batch::default();
+        let mut first = view("a/b", b"one", QoS::AtMostOnce);
+        first.origin = Some((3, 77));
+        first.read_at = Some(now);
+        b.push(&first, 5);
+        assert!(b.qos0_only);
+        let mut second = view("", b"", QoS::ExactlyOnce);
+        second.publisher = Some(Publisher { worker: 1, conn: 9, conn_uid: u64::MAX });
+        second.stamp = 1 << 50;
+        b.push(&second, 6);
+        assert!(!b.qos0_only, "a QoS 2 message makes the batch one that must not be dropped");
+        b.push(&view("x", &[0xff; 300], QoS::AtLeastOnce), 7);
+
+        let got: Vec<_> = b.iter().collect();
+        assert_eq!(got.len(), 3);
+        let (v, seq) = &got[0];
+        assert_eq!((v.topic, v.payload, v.qos, *seq), ("a/b", &b"one"[..], QoS::AtMostOnce, 5));
+        assert_eq!((v.origin, v.publisher, v.stamp), (Some((3, 77)), None, 0));
+        let back = v.read_at.expect("read time kept");
+        assert!(back.max(now) - back.min(now) < Duration::from_micros(1));
+        let (v, seq) = &got[1];
+        assert_eq!((v.topic, v.payload, v.qos, *seq), ("", &b""[..], QoS::ExactlyOnce, 6));
+        assert_eq!(v.publisher, Some(Publisher { worker: 1, conn: 9, conn_uid: u64::MAX }));
+        assert_eq!((v.origin, v.read_at, v.stamp), (None, None, 1 << 50));
+        assert_eq!((got[2].0.payload.len(), got[2].0.qos, got[2].1), (300, QoS::AtLeastOnce, 7));
+        assert_eq!(b.buf.len(), size(&first) + size(&second) + size(&view("x", &[0; 300], QoS::AtMostOnce)));
+    }
+
+    #[test]
+    fn only_plain_messages_fit() {
+        assert!(fits(&view("t", b"", QoS::AtMostOnce)));
+        let mut retained = view("t", b"", QoS::AtMostOnce);
+        retained.retain = true;
+        assert!(!fits(&retained));
+        let mut expiring = view("t", b"", QoS::AtMostOnce);
+        expiring.expires_at = Some(Instant::now());
+        assert!(!fits(&expiring));
+    }
+
+    #[test]
+    fn a_cut_record_reads_as_the_end() {
+        let mut b = Batch::default();
+        b.push(&view("a", b"xyz", QoS::AtMostOnce), 1);
+        let n = b.buf.len();
+        assert!(read(&b.buf[..n - 1]).is_none());
+        assert!(read(&b.buf[..3]).is_none());
+    }
+}
