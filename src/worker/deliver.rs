@@ -17,6 +17,7 @@ use crate::router::GroupId;
 use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, QueueBound, SessionKey};
 
 /// A message being routed, borrowed from wherever it is: the read buffer or a shared `Message`.
+#[derive(Clone, Copy)]
 pub struct View<'a> {
     pub topic: &'a str,
     pub payload: &'a [u8],
@@ -108,7 +109,7 @@ impl Worker {
         }
         let matched = self.deliver_matched(m, &mut shared, matches) || remote;
         if listed {
-            self.recent.record(m, seq, &peers, &mut shared);
+            self.recent.record(m, &peers, &mut shared);
         }
         self.scratch.peers = peers;
         matched

@@ -43,7 +43,7 @@ pub enum Mail {
     Publish {
         msg: Arc<Message>,
         keep: bool,
-        /// The sender's latest `catchup::Recent` sequence number.
+        /// The sender's latest `recent::Recent` sequence number.
         seq: u32,
     },
     /// A connection whose client id lives on the receiving worker.

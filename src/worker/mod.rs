@@ -28,6 +28,7 @@ mod linger;
 mod mail;
 mod mailbox;
 mod persist;
+mod recent;
 mod stats;
 mod timers;
 mod wire;
@@ -221,7 +222,7 @@ pub struct Worker {
     lingering: linger::Lingering,
     /// Messages routed in the last moments, for subscriptions that arrived before them but were
     /// read after them (`catchup`).
-    recent: catchup::Recent,
+    recent: recent::Recent,
 }
 
 impl Worker {
@@ -272,7 +273,7 @@ impl Worker {
             persist,
             bridges: Vec::new(),
             lingering: linger::Lingering::default(),
-            recent: catchup::Recent::new(n, shared.config.arrival_order),
+            recent: recent::Recent::new(n, shared.config.arrival_order),
             shared,
         }
     }

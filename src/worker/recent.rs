@@ -1,0 +1,347 @@
+//! The list of what a worker routed in the last moments, for arrival order across workers
+//! (`catchup` says why and how it is asked). It owns the list and its bounds, nothing else: it
+//! never sends or delivers.
+//!
+//! Listing is on the path of every PUBLISH a client sends, so it costs one copy and nothing more:
+//! each message goes to the end of a log of chunks, as one record that carries what the list needs
+//! (arrival stamp, peers it was sent to, sequence number) ahead of the message in `batch`'s layout.
+//! No allocation per message, no index beside the log: records are in sequence order, so the
+//! oldest is at the front, the count is a difference of sequence numbers, and trimming moves the
+//! front forward, dropping a chunk once it holds nothing listed. A message that is not plain
+//! (`batch::fits`: 5.0 properties or an expiry) keeps its shared copy on a side list, and what
+//! catching up has given to whom is kept on another, both rare.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use super::batch;
+use super::deliver::View;
+use crate::session::Message;
+
+/// How long a routed message stays on the list, by its arrival stamp.
+pub const WINDOW_NS: u64 = 500_000_000;
+/// At most this many messages, and this many bytes of log, stay on the list.
+pub const MAX_ENTRIES: usize = 4096;
+pub const MAX_BYTES: usize = 8 << 20;
+/// Sessions one message is remembered as given to; past it the message is caught up no more, so
+/// SUBSCRIBEs from many sessions cannot grow an entry without end.
+pub const GIVEN_MAX: usize = 64;
+
+/// Log chunks are this large (a larger message gets a chunk of its own): the list holds at most
+/// one chunk more than its bounds.
+const CHUNK: usize = 64 * 1024;
+/// Before each record: arrival stamp, peers sent to, whether it is on the shared side list.
+const HEAD: usize = 8 + 8 + 1;
+
+/// A session, anywhere in the broker: (worker, session key, session uid).
+pub type Who = (u16, u32, u64);
+
+/// One listed message, as `matching` finds it.
+pub struct Listed {
+    /// The sequence number its mail carried.
+    pub seq: u32,
+    /// Peers it was sent to, one bit per worker.
+    pub sent: u64,
+    pub msg: Arc<Message>,
+    /// List-wide number, for `given` and `give`.
+    id: u64,
+}
+
+/// A run of records, in list order.
+struct Chunk {
+    /// The list-wide number of its first record, and how many it holds.
+    first: u64,
+    count: u64,
+    /// The latest arrival stamp in it.
+    newest: u64,
+    buf: Vec<u8>,
+}
+
+/// What a worker routed in the last moments.
+pub struct Recent {
+    /// `arrival_order` is on and there is more than one worker (at most 64: `sent` is one bit
+    /// each).
+    pub on: bool,
+    /// Oldest first; the list is trimmed a whole chunk at a time, so listing a message never
+    /// reads an old one.
+    chunks: VecDeque<Chunk>,
+    /// One emptied chunk, kept for the next.
+    spare: Option<Vec<u8>>,
+    /// Bytes in the chunks.
+    bytes: usize,
+    /// The list-wide number of the next record; the mail carries the low 32 bits.
+    next: u64,
+    /// Messages that are not plain, by list-wide number.
+    shared: VecDeque<(u64, Arc<Message>)>,
+    /// Sessions already given a message by catching up: a second SUBSCRIBE of theirs within the
+    /// window must not get it again.
+    given: BTreeMap<u64, Vec<Who>>,
+    /// The last sequence number taken from each peer.
+    taken: Vec<u32>,
+    /// Messages delivered by catching up, for `$SYS/broker/internal/caught_up`.
+    pub caught_up: u64,
+}
+
+/// Reads the fixed-size field at `at`.
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(&b[at..at + N]);
+    out
+}
+
+impl Recent {
+    /// `enabled`: the `arrival_order` setting.
+    pub fn new(workers: usize, enabled: bool) -> Recent {
+        Recent {
+            on: enabled && workers > 1 && workers <= 64,
+            chunks: VecDeque::new(),
+            spare: None,
+            bytes: 0,
+            next: 1,
+            shared: VecDeque::new(),
+            given: BTreeMap::new(),
+            taken: vec![0; workers],
+            caught_up: 0,
+        }
+    }
+
+    /// The list-wide number of the oldest listed record.
+    fn first(&self) -> u64 {
+        self.chunks.front().map_or(self.next, |c| c.first)
+    }
+
+    pub fn len(&self) -> usize {
+        (self.next - self.first()) as usize
+    }
+
+    /// The sequence number a message's mail carries; a new one if the message goes on the list.
+    pub fn next_seq(&mut self, listed: bool) -> u32 {
+        if listed {
+            self.next += 1;
+        }
+        (self.next - 1) as u32
+    }
+
+    /// A message mail from `from` with sequence number `seq` was taken.
+    pub fn took(&mut self, from: usize, seq: u32) {
+        self.taken[from] = seq;
+    }
+
+    pub fn mark(&self, peer: usize) -> u32 {
+        self.taken[peer]
+    }
+
+    /// Puts a routed message on the list, under the sequence number `next_seq` just gave it.
+    pub fn record(&mut self, m: &View<'_>, peers: &[u16], shared: &mut Option<Arc<Message>>) {
+        let id = self.next - 1;
+        let sent = peers.iter().fold(0u64, |s, &p| s | 1 << p);
+        let plain = batch::fits(m);
+        if !plain {
+            self.shared.push_back((id, shared.get_or_insert_with(|| m.to_message()).clone()));
+        }
+        // A message that is not plain is listed by its topic alone (for matching).
+        let kept = if plain { *m } else { View { payload: &[], ..*m } };
+        let n = HEAD + batch::size(&kept);
+        if !self.chunks.back().is_some_and(|c| c.buf.capacity() - c.buf.len() >= n) {
+            self.trim(m.arrived.saturating_sub(WINDOW_NS));
+            let buf = match self.spare.take() {
+                Some(c) if c.capacity() >= n => c,
+                _ => Vec::with_capacity(CHUNK.max(n)),
+            };
+            self.chunks.push_back(Chunk { first: id, count: 0, newest: 0, buf });
+        }
+        if let Some(c) = self.chunks.back_mut() {
+            c.buf.extend_from_slice(&m.arrived.to_le_bytes());
+            c.buf.extend_from_slice(&sent.to_le_bytes());
+            c.buf.push(!plain as u8);
+            batch::append(&mut c.buf, &kept, id as u32);
+            c.count += 1;
+            c.newest = c.newest.max(m.arrived);
+        }
+        self.bytes += n;
+    }
+
+    /// Drops the oldest chunks while everything in them arrived before `before`, or while the
+    /// rest still holds `MAX_ENTRIES` messages or `MAX_BYTES`: the list keeps at least the
+    /// window or the bounds, and at most one chunk more.
+    pub fn trim(&mut self, before: u64) {
+        let mut moved = false;
+        while let Some(c) = self.chunks.front() {
+            let old = c.newest < before;
+            let rest = (self.next - c.first - c.count) as usize;
+            if !old && rest < MAX_ENTRIES && self.bytes - c.buf.len() < MAX_BYTES {
+                break;
+            }
+            if let Some(mut c) = self.chunks.pop_front() {
+                self.bytes -= c.buf.len();
+                if c.buf.capacity() == CHUNK {
+                    c.buf.clear();
+                    self.spare = Some(c.buf);
+                }
+            }
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+        let first = self.first();
+        while self.shared.front().is_some_and(|(id, _)| *id < first) {
+            self.shared.pop_front();
+        }
+        if !self.given.is_empty() {
+            self.given = self.given.split_off(&first);
+        }
+    }
+
+    /// The listed messages that arrived after `since` and whose topic `wanted` says yes to (with
+    /// what it says), oldest first.
+    pub fn matching<T>(&self, since: u64, mut wanted: impl FnMut(&str) -> Option<T>) -> Vec<(Listed, T)> {
+        let mut out = Vec::new();
+        for c in self.chunks.iter().filter(|c| c.newest > since) {
+            let (mut at, mut id) = (0, c.first);
+            while let Some(r) = c.buf.get(at..).filter(|r| r.len() > HEAD) {
+                let Some((v, seq, len)) = batch::read(&r[HEAD..]) else { break };
+                let arrived = u64::from_le_bytes(field(r, 0));
+                if arrived > since {
+                    if let Some(t) = wanted(v.topic) {
+                        let msg = if r[16] == 0 {
+                            Some(v.to_message())
+                        } else {
+                            let i = self.shared.partition_point(|(i, _)| *i < id);
+                            self.shared.get(i).filter(|(i, _)| *i == id).map(|(_, m)| m.clone())
+                        };
+                        if let Some(msg) = msg {
+                            let sent = u64::from_le_bytes(field(r, 8));
+                            out.push((Listed { seq, sent, msg, id }, t));
+                        }
+                    }
+                }
+                at += HEAD + len;
+                id += 1;
+            }
+        }
+        out
+    }
+
+    /// Whether catching up may give `l` to `who`: not given to it already, nor to too many.
+    pub fn may_give(&self, l: &Listed, who: Who) -> bool {
+        self.given.get(&l.id).is_none_or(|g| g.len() < GIVEN_MAX && !g.contains(&who))
+    }
+
+    /// Catching up gave `l` to `who`.
+    pub fn give(&mut self, l: &Listed, who: Who) {
+        if l.id >= self.first() {
+            self.given.entry(l.id).or_default().push(who);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Properties, QoS};
+
+    /// Lists a message on `topic` that arrived at `arrived`, sent to `peers`.
+    fn list(r: &mut Recent, arrived: u64, topic: &str, peers: &[u16]) {
+        let m = Message::plain(topic, bytes::Bytes::from_static(b"payload"), QoS::AtLeastOnce, false);
+        let v = View { arrived, ..super::super::deliver::view(&m) };
+        r.next_seq(true);
+        r.record(&v, peers, &mut None);
+    }
+
+    fn topics(r: &Recent, since: u64, prefix: &str) -> Vec<String> {
+        r.matching(since, |t| t.starts_with(prefix).then_some(()))
+            .into_iter()
+            .map(|(l, ())| l.msg.topic.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_list_is_bounded_by_age_count_and_bytes() {
+        let mut r = Recent::new(2, true);
+        for i in 0..(MAX_ENTRIES as u64 + 10) {
+            list(&mut r, 1_000 + i, "a", &[]);
+        }
+        let per_chunk = CHUNK / (HEAD + 47 + 1 + 7);
+        assert!(r.len() >= MAX_ENTRIES && r.len() <= MAX_ENTRIES + per_chunk, "{}", r.len());
+        assert_eq!(topics(&r, 0, "a").len(), r.len());
+        // A full chunk later, everything older than the window goes but what shares a chunk with
+        // a newer message.
+        for i in 0..=per_chunk as u64 {
+            list(&mut r, 10 * WINDOW_NS + i, "a", &[1]);
+        }
+        assert!(r.len() <= 2 * per_chunk + 1 && r.chunks.len() <= 2, "{} in {}", r.len(), r.chunks.len());
+        assert_eq!(topics(&r, 10 * WINDOW_NS - 1, "a").len(), per_chunk + 1);
+        r.trim(u64::MAX);
+        assert_eq!((r.len(), r.chunks.len(), r.bytes), (0, 0, 0));
+        let big = "b".repeat(60_000);
+        for i in 0..200 {
+            list(&mut r, 20 * WINDOW_NS + i, &big, &[]);
+        }
+        assert!(r.bytes <= MAX_BYTES + 2 * CHUNK && r.len() < 200, "bounded in bytes: {} in {}", r.len(), r.bytes);
+    }
+
+    #[test]
+    fn only_what_arrived_after_and_matches_is_found_oldest_first_with_where_it_went() {
+        let mut r = Recent::new(4, true);
+        for (t, topic, peers) in
+            [(100, "a/1", &[1u16][..]), (200, "b/1", &[]), (300, "a/2", &[2, 3]), (400, "a/3", &[])]
+        {
+            list(&mut r, t, topic, peers);
+        }
+        let found = r.matching(250, |t| t.starts_with("a/").then(|| t.len()));
+        let got: Vec<_> = found.iter().map(|(l, n)| (l.msg.topic.to_string(), l.seq, l.sent, *n)).collect();
+        assert_eq!(got, [("a/2".to_string(), 3, 0b1100, 3), ("a/3".to_string(), 4, 0, 3)]);
+        assert_eq!(&found[0].0.msg.payload[..], b"payload");
+        assert_eq!(found[0].0.msg.qos, QoS::AtLeastOnce);
+    }
+
+    #[test]
+    fn a_message_is_given_to_a_session_once_and_to_at_most_a_bound() {
+        let mut r = Recent::new(2, true);
+        list(&mut r, 100, "a", &[]);
+        let (l, ()) = r.matching(0, |_| Some(())).pop().expect("listed");
+        assert!(r.may_give(&l, (1, 2, 3)));
+        r.give(&l, (1, 2, 3));
+        assert!(!r.may_give(&l, (1, 2, 3)));
+        for i in 0..GIVEN_MAX as u32 {
+            r.give(&l, (1, 10 + i, 0));
+        }
+        assert!(!r.may_give(&l, (1, 99, 0)), "past the bound nobody else gets it");
+        r.trim(u64::MAX);
+        assert!(r.given.is_empty(), "trimmed with its message");
+    }
+
+    #[test]
+    fn records_cross_chunks_and_chunks_go_with_their_records() {
+        let mut r = Recent::new(2, true);
+        let big = "t/".to_string() + &"x".repeat(1000);
+        for i in 0..1000u64 {
+            list(&mut r, 1_000 + i, &format!("{big}/{i}"), &[]);
+        }
+        assert!(r.chunks.len() > 2);
+        let got = topics(&r, 1_500, "t/");
+        assert_eq!((got.len(), got[0].clone(), got[498].clone()), (499, format!("{big}/501"), format!("{big}/999")));
+        let before = r.chunks.len();
+        r.trim(1_900);
+        let got = topics(&r, 1_899, "t/");
+        assert_eq!((got.len(), got[0].clone()), (100, format!("{big}/900")));
+        assert!(r.chunks.len() < before / 2, "chunks of old messages go: {} of {before}", r.chunks.len());
+        assert!(topics(&r, 0, "t/").len() < 100 + CHUNK / 1000, "at most a chunk more is kept");
+    }
+
+    #[test]
+    fn a_message_with_properties_is_found_whole() {
+        let mut r = Recent::new(2, true);
+        let mut m = Message::plain("p", bytes::Bytes::from_static(b"x"), QoS::AtMostOnce, false);
+        m.properties = Some(Box::new(Properties { content_type: Some("text/plain".into()), ..Default::default() }));
+        let v = View { arrived: 5, ..super::super::deliver::view(&m) };
+        r.next_seq(true);
+        r.record(&v, &[], &mut None);
+        list(&mut r, 6, "p", &[]);
+        let found = r.matching(0, |_| Some(()));
+        assert_eq!(found.len(), 2);
+        assert!(found[0].0.msg.properties.is_some() && found[1].0.msg.properties.is_none());
+        assert_eq!(&found[0].0.msg.payload[..], b"x");
+    }
+}
