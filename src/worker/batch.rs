@@ -50,6 +50,13 @@ impl Batch {
         append(&mut self.buf, m, seq);
     }
 
+    /// Empties it, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+        self.qos0_only = true;
+    }
+
     /// The messages, in order, with the sequence number each was sent under.
     pub fn iter(&self) -> impl Iterator<Item = (View<'_>, u32)> {
         let mut at = 0;

@@ -29,7 +29,9 @@ impl Worker {
                     }
                     self.deliver(&m, &mut None);
                 }
+                self.mailbox.give_back(from, batch);
             }
+            Mail::Spent(batch) => self.mailbox.reuse(from, batch),
             Mail::Publish { msg, keep, seq } => {
                 self.recent.took(from, seq);
                 if msg.qos != crate::codec::QoS::AtMostOnce {

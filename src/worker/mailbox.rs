@@ -27,6 +27,8 @@ pub const OVERFLOW_BYTES: usize = 8 << 20;
 /// A batch is pushed only while the ring holds fewer entries than this: what one ring can hold in
 /// batches is bounded in bytes (32 x `BATCH_BYTES`), not only in entries.
 pub const RING_BATCHES: usize = 32;
+/// Empty batches kept per peer for reuse.
+const POOL: usize = 4;
 
 /// A ticket for an operation waiting on peers: (the waiting worker's index into its `Pending`).
 pub type Ticket = u32;
@@ -36,6 +38,8 @@ pub type Ticket = u32;
 pub enum Mail {
     /// Plain messages to deliver to the receiver's matching sessions, in routing order (`batch`).
     Batch(Box<Batch>),
+    /// A batch the sender read, given back empty to be filled again.
+    Spent(Box<Batch>),
     /// A message that is not plain (retained, with properties or an expiry) to deliver to the
     /// receiver's matching sessions; a retained one is stored in the receiver's replica if `keep`
     /// (the sender found room for it under the retained budgets, so every replica makes the same
@@ -114,8 +118,12 @@ pub struct Mailbox {
     overflow: Vec<VecDeque<Mail>>,
     /// Bytes of the batches in `overflow`, per peer.
     held_bytes: Vec<usize>,
-    /// The batch being filled for each peer this turn.
-    batches: Vec<Batch>,
+    /// The batch being filled for each peer, and the size of the last one sent.
+    batches: Vec<Option<Box<Batch>>>,
+    last_batch: Vec<usize>,
+    /// Batches each peer has read and given back, to be filled again: the buffers circulate
+    /// between two workers instead of being allocated by one and freed by the other.
+    pool: Vec<Vec<Box<Batch>>>,
     wake: Vec<bool>,
     /// Pushes into rings, and wake-ups sent, for `$SYS/broker/internal/`.
     pub pushes: u64,
@@ -142,7 +150,9 @@ impl Mailbox {
             inbox,
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
             held_bytes: vec![0; n],
-            batches: (0..n).map(|_| Batch::default()).collect(),
+            batches: (0..n).map(|_| None).collect(),
+            last_batch: vec![0; n],
+            pool: (0..n).map(|_| Vec::new()).collect(),
             wake: vec![false; n],
             pushes: 0,
             wakeups: 0,
@@ -208,10 +218,16 @@ impl Mailbox {
     /// Adds a plain message (`batch::fits`) to the batch for a peer, sent at the end of the turn
     /// or once it holds `BATCH_BYTES`.
     pub fn publish(&mut self, to: usize, m: &View<'_>, seq: u32) {
-        let b = &mut self.batches[to];
-        if b.buf.capacity() == 0 {
-            b.buf.reserve(BATCH_BYTES.min(batch::size(m) * 64));
-        }
+        let b = match &mut self.batches[to] {
+            Some(b) => b,
+            slot => slot.insert(self.pool[to].pop().unwrap_or_else(|| {
+                // As large as the last batch to this peer: a trickle allocates little, a flood
+                // allocates once.
+                let mut b = Box::<Batch>::default();
+                b.buf.reserve(batch::size(m).max(self.last_batch[to]));
+                b
+            })),
+        };
         b.push(m, seq);
         if b.buf.len() >= BATCH_BYTES {
             self.send_batch(to);
@@ -220,9 +236,27 @@ impl Mailbox {
 
     /// Sends the batch for `to`, if it holds anything.
     fn send_batch(&mut self, to: usize) {
-        if self.batches[to].count > 0 {
-            let b = std::mem::take(&mut self.batches[to]);
-            self.push_or_hold(to, Mail::Batch(Box::new(b)));
+        if let Some(b) = self.batches[to].take() {
+            self.last_batch[to] = b.buf.len().min(2 * BATCH_BYTES);
+            self.push_or_hold(to, Mail::Batch(b));
+        }
+    }
+
+    /// A batch from `from` was read: it goes back to be filled again, without waking `from` (it
+    /// finds it when it next takes its mail), or is freed when the ring is full.
+    pub fn give_back(&mut self, from: usize, mut b: Box<Batch>) {
+        b.clear();
+        if let Some(p) = self.outbox[from].as_mut() {
+            if p.push(Mail::Spent(b)).is_ok() {
+                self.pushes += 1;
+            }
+        }
+    }
+
+    /// A batch given back by `from`, kept for the next batch to it (a few, of bounded size).
+    pub fn reuse(&mut self, from: usize, b: Box<Batch>) {
+        if self.pool[from].len() < POOL && b.buf.capacity() <= 2 * BATCH_BYTES {
+            self.pool[from].push(b);
         }
     }
 

@@ -135,6 +135,9 @@ impl Recent {
     pub fn record(&mut self, m: &View<'_>, peers: &[u16], shared: &mut Option<Arc<Message>>) {
         let id = self.next - 1;
         let sent = peers.iter().fold(0u64, |s, &p| s | 1 << p);
+        // A plain message is copied even when a shared copy exists (queued for a subscriber):
+        // holding it here would free thousands at once when a chunk goes, which glibc's
+        // allocator takes badly.
         let plain = batch::fits(m);
         if !plain {
             self.shared.push_back((id, shared.get_or_insert_with(|| m.to_message()).clone()));

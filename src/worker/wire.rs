@@ -121,10 +121,7 @@ impl Worker {
             buf = BytesMut::with_capacity(READ_CHUNK);
         }
         self.scratch.read_buf = buf;
-        // What this connection published goes to the peers now, not at the end of the turn: a
-        // peer still awake takes it without being woken, and a read of many messages is still
-        // one batch per peer.
-        self.mailbox.send_batches();
+
         // A TLS handshake or WebSocket answer the socket did not take yet.
         if self.conns.alive(k, uid) && self.conns[k].transport.pending_output() {
             self.mark_dirty(k);
