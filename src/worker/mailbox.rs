@@ -442,6 +442,93 @@ mod tests {
         (Mailbox::new(1, vec![Some(p), None], vec![None, None]), c)
     }
 
+    fn plain(topic: &str, qos: crate::codec::QoS) -> View<'_> {
+        View {
+            topic,
+            payload: b"x",
+            qos,
+            retain: false,
+            properties: None,
+            origin: None,
+            publisher: None,
+            expires_at: None,
+            stamp: 0,
+            read_at: None,
+            arrived: 0,
+        }
+    }
+
+    fn topics(m: &Mail) -> Vec<String> {
+        match m {
+            Mail::Batch(b) => b.iter().map(|(v, _)| v.topic.to_string()).collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn messages_wait_in_one_batch_and_go_ahead_of_any_other_mail() {
+        let (mut m, mut to_zero) = towards_zero();
+        m.publish(0, &plain("a", crate::codec::QoS::AtMostOnce), 1);
+        m.publish(0, &plain("b", crate::codec::QoS::AtLeastOnce), 2);
+        assert!(to_zero.pop().is_none(), "batched until the end of the turn");
+        m.send(0, Mail::Credit { n: 1 });
+        m.publish(0, &plain("c", crate::codec::QoS::AtMostOnce), 3);
+        m.send_batches();
+        let first = to_zero.pop().expect("the batch");
+        assert_eq!(topics(&first), ["a", "b"]);
+        assert!(matches!(to_zero.pop(), Some(Mail::Credit { n: 1 })), "other mail after the batch");
+        assert_eq!(topics(&to_zero.pop().expect("the next batch")), ["c"]);
+        assert_eq!(m.pushes, 3);
+        // A batch fills up to BATCH_BYTES and goes without waiting for the turn's end.
+        let big = "t".repeat(1000);
+        for i in 0..BATCH_BYTES / 1000 {
+            m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
+        }
+        assert!(to_zero.pop().is_some());
+    }
+
+    #[test]
+    fn a_batch_given_back_is_filled_again() {
+        let (mut m, mut to_zero) = towards_zero();
+        m.publish(0, &plain("a", crate::codec::QoS::AtMostOnce), 1);
+        m.send_batches();
+        let Some(Mail::Batch(mut b)) = to_zero.pop() else { panic!("a batch") };
+        let buf = b.buf.as_ptr();
+        b.clear();
+        m.reuse(0, b);
+        m.publish(0, &plain("b", crate::codec::QoS::AtMostOnce), 2);
+        m.send_batches();
+        let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a batch") };
+        assert_eq!((b.buf.as_ptr(), b.count), (buf, 1), "the same buffer, emptied");
+    }
+
+    #[test]
+    fn a_full_ring_holds_batches_and_drops_only_qos0_ones_past_the_byte_bound() {
+        let (mut m, mut to_zero) = towards_zero();
+        let big = "t".repeat(60_000);
+        // Past RING_BATCHES the ring takes no more batches; the rest is held.
+        for i in 0..RING_BATCHES + 10 {
+            m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
+            m.send_batches();
+        }
+        assert_eq!(to_zero.len(), RING_BATCHES);
+        assert!(m.backlogged());
+        // QoS 0 batches past OVERFLOW_BYTES are dropped; one with a QoS 1 message is kept.
+        for i in 0..OVERFLOW_BYTES / 60_000 + 10 {
+            m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
+            m.send_batches();
+        }
+        assert!(m.dropped > 0 && m.held_bytes[0] <= OVERFLOW_BYTES + 61_000);
+        let dropped = m.dropped;
+        m.publish(0, &plain(&big, crate::codec::QoS::AtLeastOnce), 0);
+        m.send_batches();
+        assert_eq!(m.dropped, dropped, "a batch holding a QoS 1 message is never dropped");
+        // Room again: the held batches follow in order.
+        while to_zero.pop().is_some() {}
+        m.send_overflow();
+        assert_eq!(to_zero.len(), RING_BATCHES);
+    }
+
     #[test]
     fn credit_goes_back_once_half_the_window_was_taken() {
         let (mut m, mut to_zero) = towards_zero();
