@@ -176,19 +176,7 @@ mod tests {
     use super::*;
 
     fn view<'a>(topic: &'a str, payload: &'a [u8], qos: QoS) -> View<'a> {
-        View {
-            topic,
-            payload,
-            qos,
-            retain: false,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at: None,
-            stamp: 0,
-            read_at: None,
-            arrived: 0,
-        }
+        View::plain(topic, payload, qos)
     }
 
     #[test]

@@ -50,6 +50,26 @@ impl View<'_> {
     }
 }
 
+#[cfg(test)]
+impl<'a> View<'a> {
+    /// A message with nothing but a topic, a payload and a QoS, as a client might publish it.
+    pub fn plain(topic: &'a str, payload: &'a [u8], qos: QoS) -> View<'a> {
+        View {
+            topic,
+            payload,
+            qos,
+            retain: false,
+            properties: None,
+            origin: None,
+            publisher: None,
+            expires_at: None,
+            stamp: 0,
+            read_at: None,
+            arrived: 0,
+        }
+    }
+}
+
 pub(super) fn view(m: &Message) -> View<'_> {
     View {
         topic: &m.topic,

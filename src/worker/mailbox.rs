@@ -443,19 +443,7 @@ mod tests {
     }
 
     fn plain(topic: &str, qos: crate::codec::QoS) -> View<'_> {
-        View {
-            topic,
-            payload: b"x",
-            qos,
-            retain: false,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at: None,
-            stamp: 0,
-            read_at: None,
-            arrived: 0,
-        }
+        View::plain(topic, b"x", qos)
     }
 
     fn topics(m: &Mail) -> Vec<String> {
