@@ -114,7 +114,8 @@ impl Worker {
         let remote = !peers.is_empty();
         // Kept a moment for subscriptions that arrived before it but are read after (`catchup`).
         let listed = self.recent.on && m.arrived != 0 && !m.retain;
-        let seq = self.recent.next_seq(listed);
+        let id = self.recent.next_id(listed);
+        let seq = id as u32;
         let plain = super::batch::fits(m);
         for &p in &peers {
             if m.qos != QoS::AtMostOnce {
@@ -129,7 +130,7 @@ impl Worker {
         }
         let matched = self.deliver_matched(m, &mut shared, matches) || remote;
         if listed {
-            self.recent.record(m, &peers, &mut shared);
+            self.recent.record(m, id, &peers, &mut shared);
         }
         self.scratch.peers = peers;
         matched

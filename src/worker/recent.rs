@@ -114,12 +114,13 @@ impl Recent {
         (self.next - self.first()) as usize
     }
 
-    /// The sequence number a message's mail carries; a new one if the message goes on the list.
-    pub fn next_seq(&mut self, listed: bool) -> u32 {
+    /// The list-wide number of a message about to be routed: a new one if it goes on the list,
+    /// else the last one given. Its mail carries the low 32 bits.
+    pub fn next_id(&mut self, listed: bool) -> u64 {
         if listed {
             self.next += 1;
         }
-        (self.next - 1) as u32
+        self.next - 1
     }
 
     /// A message mail from `from` with sequence number `seq` was taken.
@@ -131,9 +132,8 @@ impl Recent {
         self.taken[peer]
     }
 
-    /// Puts a routed message on the list, under the sequence number `next_seq` just gave it.
-    pub fn record(&mut self, m: &View<'_>, peers: &[u16], shared: &mut Option<Arc<Message>>) {
-        let id = self.next - 1;
+    /// Puts a routed message on the list, under the number `next_id` gave it.
+    pub fn record(&mut self, m: &View<'_>, id: u64, peers: &[u16], shared: &mut Option<Arc<Message>>) {
         let sent = peers.iter().fold(0u64, |s, &p| s | 1 << p);
         // A plain message is copied even when a shared copy exists (queued for a subscriber):
         // holding it here would free thousands at once when a chunk goes, which glibc's
@@ -145,7 +145,9 @@ impl Recent {
         // A message that is not plain is listed by its topic alone (for matching).
         let kept = if plain { *m } else { View { payload: &[], ..*m } };
         let n = HEAD + batch::size(&kept);
-        if !self.chunks.back().is_some_and(|c| c.buf.capacity() - c.buf.len() >= n) {
+        // A chunk holds consecutive numbers (routing one message never routes another, but a
+        // chunk would not be misread if it did).
+        if !self.chunks.back().is_some_and(|c| c.buf.capacity() - c.buf.len() >= n && c.first + c.count == id) {
             self.trim(m.arrived.saturating_sub(WINDOW_NS));
             let buf = match self.spare.take() {
                 Some(c) if c.capacity() >= n => c,
@@ -248,8 +250,8 @@ mod tests {
     fn list(r: &mut Recent, arrived: u64, topic: &str, peers: &[u16]) {
         let m = Message::plain(topic, bytes::Bytes::from_static(b"payload"), QoS::AtLeastOnce, false);
         let v = View { arrived, ..super::super::deliver::view(&m) };
-        r.next_seq(true);
-        r.record(&v, peers, &mut None);
+        let id = r.next_id(true);
+        r.record(&v, id, peers, &mut None);
     }
 
     fn topics(r: &Recent, since: u64, prefix: &str) -> Vec<String> {
@@ -339,8 +341,8 @@ mod tests {
         let mut m = Message::plain("p", bytes::Bytes::from_static(b"x"), QoS::AtMostOnce, false);
         m.properties = Some(Box::new(Properties { content_type: Some("text/plain".into()), ..Default::default() }));
         let v = View { arrived: 5, ..super::super::deliver::view(&m) };
-        r.next_seq(true);
-        r.record(&v, &[], &mut None);
+        let id = r.next_id(true);
+        r.record(&v, id, &[], &mut None);
         list(&mut r, 6, "p", &[]);
         let found = r.matching(0, |_| Some(()));
         assert_eq!(found.len(), 2);
