@@ -29,6 +29,8 @@ pub const OVERFLOW_BYTES: usize = 8 << 20;
 pub const RING_BATCHES: usize = 32;
 /// Empty batches kept per peer for reuse.
 const POOL: usize = 4;
+/// Batches smaller than this are not given back.
+const GIVE_BACK_BYTES: usize = 4096;
 
 /// A ticket for an operation waiting on peers: (the waiting worker's index into its `Pending`).
 pub type Ticket = u32;
@@ -242,9 +244,14 @@ impl Mailbox {
         }
     }
 
-    /// A batch from `from` was read: it goes back to be filled again, without waking `from` (it
-    /// finds it when it next takes its mail), or is freed when the ring is full.
+    /// A batch from `from` was read: a large one goes back to be filled again, without waking
+    /// `from` (it finds it when it next takes its mail), or is freed when the ring is full. A
+    /// small one (a trickle of messages) is freed here: allocating it again costs less than a
+    /// ring slot.
     pub fn give_back(&mut self, from: usize, mut b: Box<Batch>) {
+        if b.buf.capacity() < GIVE_BACK_BYTES {
+            return;
+        }
         b.clear();
         if let Some(p) = self.outbox[from].as_mut() {
             if p.push(Mail::Spent(b)).is_ok() {
@@ -478,6 +485,7 @@ mod tests {
     #[test]
     fn a_batch_given_back_is_filled_again() {
         let (mut m, mut to_zero) = towards_zero();
+        m.last_batch[0] = GIVE_BACK_BYTES;
         m.publish(0, &plain("a", crate::codec::QoS::AtMostOnce), 1);
         m.send_batches();
         let Some(Mail::Batch(mut b)) = to_zero.pop() else { panic!("a batch") };
@@ -488,6 +496,11 @@ mod tests {
         m.send_batches();
         let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a batch") };
         assert_eq!((b.buf.as_ptr(), b.count), (buf, 1), "the same buffer, emptied");
+        // The reader gives a large batch back and frees a small one.
+        m.give_back(0, b);
+        assert!(matches!(to_zero.pop(), Some(Mail::Spent(b)) if b.count == 0 && b.buf.is_empty()));
+        m.give_back(0, Box::default());
+        assert!(to_zero.pop().is_none());
     }
 
     #[test]
