@@ -1,6 +1,6 @@
-//! Where a message goes. Per worker: the subscription trie of its own sessions, the interest of
-//! every other worker (which filters each has subscribers or shared groups for), the retained
-//! store and the shared groups homed here. Pure data: the worker asks, the router answers; it never
+//! Where a message goes. Per worker: one trie holding the subscriptions of its own sessions and
+//! the interest of every other worker (which filters each has subscribers or shared groups for),
+//! so routing a message walks its topic once; the retained store and the shared groups homed here. Pure data: the worker asks, the router answers; it never
 //! sends anything itself.
 //!
 //! Interest is counted per filter: a worker announces a filter to its peers when its first
@@ -39,7 +39,7 @@ pub struct Router {
     announced: HashMap<Box<str>, u32, ahash::RandomState>,
     pub retained: RetainedTree,
     pub groups: SharedGroups,
-    /// Dedup scratch for `peers_matching`: `seen[w] == round` marks a peer already listed.
+    /// Dedup scratch for `matches`: `seen[w] == round` marks a peer already listed.
     seen: Vec<u64>,
     round: u64,
     /// Trie walks so far (local, peers, shared), for `$SYS/broker/internal/trie_walks`.

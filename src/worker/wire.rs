@@ -121,7 +121,6 @@ impl Worker {
             buf = BytesMut::with_capacity(READ_CHUNK);
         }
         self.scratch.read_buf = buf;
-
         // A TLS handshake or WebSocket answer the socket did not take yet.
         if self.conns.alive(k, uid) && self.conns[k].transport.pending_output() {
             self.mark_dirty(k);
