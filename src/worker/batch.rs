@@ -120,8 +120,8 @@ pub fn append(buf: &mut Vec<u8>, m: &View<'_>, seq: u32) {
     buf.extend_from_slice(m.payload);
 }
 
-/// Reads the fixed-size field at `at`.
-fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+/// Reads the fixed-size field at `at` (`at + N` within `b`).
+pub fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     let mut out = [0; N];
     out.copy_from_slice(&b[at..at + N]);
     out

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::batch;
+use super::batch::{self, field};
 use super::deliver::View;
 use crate::session::Message;
 
@@ -80,13 +80,6 @@ pub struct Recent {
     taken: Vec<u32>,
     /// Messages delivered by catching up, for `$SYS/broker/internal/caught_up`.
     pub caught_up: u64,
-}
-
-/// Reads the fixed-size field at `at`.
-fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    let mut out = [0; N];
-    out.copy_from_slice(&b[at..at + N]);
-    out
 }
 
 impl Recent {
