@@ -199,6 +199,39 @@ fn will_is_published_on_abnormal_close_and_not_after_disconnect() {
     }
 }
 
+/// A client that sends its last PUBLISH and closes at once: the broker reads the message and the
+/// end of the stream from one readiness event (the broker stops reading at a short read unless
+/// the event said the input ended). No keepalive, so only the end of the stream can end the
+/// session: the PUBLISH is delivered and the will published [MQTT-3.1.2-8], for every client.
+#[test]
+fn a_publish_followed_at_once_by_the_close_is_read_and_the_close_seen() {
+    const CLIENTS: usize = 50;
+    for w in WORKER_COUNTS {
+        let b = start(w);
+        let addr = b.local_addr();
+        let (mut watcher, _) = Client::connect(addr, "watcher", true);
+        watcher.subscribe("last/#", QoS::AtLeastOnce);
+        watcher.subscribe("will/#", QoS::AtLeastOnce);
+        for i in 0..CLIENTS {
+            let (mut c, _) = Client::connect_with(addr, will_connect(&format!("quick{i}"), 0));
+            c.publish(&format!("last/quick{i}"), "bye", QoS::AtMostOnce, false);
+            c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let (mut last, mut wills) = (0, 0);
+        while last + wills < 2 * CLIENTS {
+            let m = watcher.recv_publish();
+            watcher.ack(&m);
+            if m.topic.starts_with("last/") {
+                last += 1;
+            } else {
+                wills += 1;
+            }
+        }
+        assert_eq!((last, wills), (CLIENTS, CLIENTS), "{w} worker(s)");
+        b.shutdown();
+    }
+}
+
 #[test]
 fn keepalive_timeout_closes_and_publishes_the_will() {
     for w in WORKER_COUNTS {

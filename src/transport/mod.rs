@@ -114,6 +114,11 @@ impl Transport {
         }
     }
 
+    /// Plain TCP: a short `read_into` means the socket had nothing more.
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, Transport::Tcp(_))
+    }
+
     /// Takes MQTT bytes for the client; returns how many it took (`WouldBlock` if none).
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         match self {

@@ -97,6 +97,9 @@ pub struct Flags {
     /// Its socket took no more output since the last flush: a full output buffer drops QoS 0
     /// without trying the socket again.
     pub write_blocked: bool,
+    /// The socket reported the end of the client's input, or an error: read it until the end,
+    /// even past a short read (see `wire::read_conn`).
+    pub read_closed: bool,
 }
 
 /// Topic aliases we use towards one client: topic -> alias, assigned first come, first served.

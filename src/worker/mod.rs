@@ -314,6 +314,9 @@ impl Worker {
                         if ev.is_writable() && self.conns.alive(k, uid) {
                             self.flush(k);
                         }
+                        if ev.is_read_closed() || ev.is_error() {
+                            self.conns[k].flags.read_closed = true;
+                        }
                         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                         if readable && self.conns.alive(k, uid) {
                             self.read_or_wait(k, uid);

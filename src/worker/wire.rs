@@ -83,15 +83,22 @@ impl Worker {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_CHUNK);
             }
+            let room = buf.capacity() - buf.len();
             match c.transport.read_into(&mut buf, &mut c.arrived) {
                 Ok(0) => {
                     close = Some(CloseKind::Abnormal);
                     break;
                 }
                 Ok(n) => {
+                    // A short read from a TCP socket took everything it had: anything that
+                    // arrives later raises a new edge, so asking again would only hear
+                    // WouldBlock (one syscall per message at a steady rate). Not when the
+                    // client's end of input may be waiting behind the data: that raises no
+                    // edge of its own if it came with the data.
+                    let drained = n < room && !c.flags.read_closed && c.transport.is_tcp();
                     self.counters.bytes_received += n as u64;
                     c.last_rx = self.clock.ms32();
-                    go_on = self.process(k, uid, &mut buf);
+                    go_on = self.process(k, uid, &mut buf) && !drained;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
