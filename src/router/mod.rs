@@ -44,6 +44,21 @@ pub struct Router {
     round: u64,
     /// Trie walks so far (local, peers, shared), for `$SYS/broker/internal/trie_walks`.
     pub walks: u64,
+    /// What the last walk found, while the trie is unchanged.
+    memo: Memo,
+}
+
+/// The last topic routed and everything it matched (sessions and peers), valid until the trie
+/// next changes: a client publishing a run of messages on one topic, read from one socket read or
+/// one peer's batch, costs one walk per run, not one per message. Exactly what a walk would
+/// return, since nothing but `subscribe`, `unsubscribe` and `peer_interest` changes the trie and
+/// each of them forgets it.
+#[derive(Default)]
+struct Memo {
+    valid: bool,
+    topic: String,
+    local: Vec<(u32, Subscription)>,
+    peers: Vec<u16>,
 }
 
 /// What a local subscription change means for peers.
@@ -76,6 +91,7 @@ impl Router {
     }
 
     pub fn subscribe(&mut self, filter: &str, session: u32, sub: Subscription) -> Subscribed {
+        self.memo.valid = false;
         let inserted = self.routes.insert(filter, Target::Session(session), sub);
         let existed = matches!(inserted, Ok(Some(_)));
         if matches!(inserted, Ok(None)) {
@@ -87,6 +103,7 @@ impl Router {
 
     /// Returns true when the filter should now be retracted from the peers.
     pub fn unsubscribe(&mut self, filter: &str, session: u32) -> bool {
+        self.memo.valid = false;
         if self.routes.remove(filter, &Target::Session(session)).is_none() {
             return false;
         }
@@ -118,6 +135,7 @@ impl Router {
 
     /// A peer announced or retracted a filter.
     pub fn peer_interest(&mut self, filter: &str, worker: u16, present: bool) {
+        self.memo.valid = false;
         if present {
             if let Ok(None) = self.routes.insert(filter, Target::Peer(worker), Subscription::default()) {
                 self.interest += 1;
@@ -132,12 +150,8 @@ impl Router {
         if self.local == 0 {
             return;
         }
-        self.walks += 1;
-        self.routes.for_each_match(topic, |t, &sub| {
-            if let Target::Session(sk) = *t {
-                out.push((sk, sub));
-            }
-        });
+        self.remember(topic);
+        out.extend_from_slice(&self.memo.local);
     }
 
     /// In one walk: this worker's subscriptions matching `topic`, appended to `local`, and the
@@ -146,15 +160,31 @@ impl Router {
         if self.local == 0 && self.interest == 0 {
             return;
         }
+        self.remember(topic);
+        local.extend_from_slice(&self.memo.local);
+        peers.extend_from_slice(&self.memo.peers);
+    }
+
+    /// Makes the memo hold what `topic` matches, walking the trie unless it already does.
+    fn remember(&mut self, topic: &str) {
+        let memo = &mut self.memo;
+        if memo.valid && memo.topic == topic {
+            return;
+        }
+        memo.valid = true;
+        memo.topic.clear();
+        memo.topic.push_str(topic);
+        memo.local.clear();
+        memo.peers.clear();
         self.walks += 1;
         self.round += 1;
         let (seen, round) = (&mut self.seen, self.round);
         self.routes.for_each_match(topic, |t, &sub| match *t {
-            Target::Session(sk) => local.push((sk, sub)),
+            Target::Session(sk) => memo.local.push((sk, sub)),
             Target::Peer(w) => {
                 if seen[w as usize] != round {
                     seen[w as usize] = round;
-                    peers.push(w);
+                    memo.peers.push(w);
                 }
             }
         });
@@ -185,6 +215,33 @@ mod tests {
         assert!(!r.unsubscribe("a/+", 2), "the group still wants it");
         assert!(r.unwant("a/+"));
         assert_eq!(r.announced_count(), 0);
+    }
+
+    #[test]
+    fn a_run_on_one_topic_walks_once_and_any_change_to_the_trie_walks_again() {
+        let mut r = Router::new(3);
+        let sub = Subscription::default();
+        r.subscribe("a/b", 1, sub);
+        let find = |r: &mut Router, topic: &str| {
+            let (mut local, mut peers) = (vec![], vec![]);
+            r.matches(topic, &mut local, &mut peers);
+            (local.iter().map(|&(sk, _)| sk).collect::<Vec<_>>(), peers)
+        };
+        assert_eq!(find(&mut r, "a/b"), (vec![1], vec![]));
+        assert_eq!(find(&mut r, "a/b"), (vec![1], vec![]));
+        let mut local = vec![];
+        r.local_matches("a/b", &mut local);
+        assert_eq!((local.len(), r.walks), (1, 1), "the same topic again: no walk");
+        r.subscribe("a/+", 2, sub);
+        assert_eq!(find(&mut r, "a/b"), (vec![1, 2], vec![]), "a new subscription is seen");
+        r.peer_interest("a/#", 2, true);
+        assert_eq!(find(&mut r, "a/b"), (vec![1, 2], vec![2]), "a peer's new interest is seen");
+        assert_eq!(find(&mut r, "a/c"), (vec![2], vec![2]), "another topic walks");
+        r.unsubscribe("a/+", 2);
+        assert_eq!(find(&mut r, "a/c"), (vec![], vec![2]), "a gone subscription is not found");
+        r.peer_interest("a/#", 2, false);
+        assert_eq!(find(&mut r, "a/c"), (vec![], vec![]));
+        assert_eq!(r.walks, 6);
     }
 
     #[test]
