@@ -123,10 +123,10 @@ impl Worker {
                 self.hold_partial(k, uid);
             }
         }
+        // Handled packets advanced the buffer's start; an empty buffer takes its whole
+        // allocation back in place rather than a new one per read.
         buf.clear();
-        if buf.capacity() < READ_CHUNK {
-            buf = BytesMut::with_capacity(READ_CHUNK);
-        }
+        buf.reserve(READ_CHUNK);
         self.scratch.read_buf = buf;
         // A TLS handshake or WebSocket answer the socket did not take yet.
         if self.conns.alive(k, uid) && self.conns[k].transport.pending_output() {
