@@ -155,19 +155,9 @@ pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
     });
     let read_at = (flags & HAS_READ_AT != 0).then(|| epoch() + Duration::from_nanos(u64::from_le_bytes(field(b, 37))));
     let topic = std::str::from_utf8(&b[HEAD..HEAD + topic_len]).ok()?;
-    let view = View {
-        topic,
-        payload: &b[HEAD + topic_len..len],
-        qos,
-        retain: false,
-        properties: None,
-        origin,
-        publisher,
-        expires_at: None,
-        stamp,
-        read_at,
-        arrived: 0,
-    };
+    // Not retained, no properties, no expiry: only plain messages are written (`fits`).
+    let view =
+        View { topic, payload: &b[HEAD + topic_len..len], qos, origin, publisher, stamp, read_at, ..View::default() };
     Some((view, seq, len))
 }
 

@@ -17,7 +17,8 @@ use crate::router::GroupId;
 use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, QueueBound, SessionKey};
 
 /// A message being routed, borrowed from wherever it is: the read buffer or a shared `Message`.
-#[derive(Clone, Copy)]
+/// The default is an empty QoS 0 message with nothing else set.
+#[derive(Clone, Copy, Default)]
 pub struct View<'a> {
     pub topic: &'a str,
     pub payload: &'a [u8],
@@ -54,19 +55,7 @@ impl View<'_> {
 impl<'a> View<'a> {
     /// A message with nothing but a topic, a payload and a QoS, as a client might publish it.
     pub fn plain(topic: &'a str, payload: &'a [u8], qos: QoS) -> View<'a> {
-        View {
-            topic,
-            payload,
-            qos,
-            retain: false,
-            properties: None,
-            origin: None,
-            publisher: None,
-            expires_at: None,
-            stamp: 0,
-            read_at: None,
-            arrived: 0,
-        }
+        View { topic, payload, qos, ..View::default() }
     }
 }
 
