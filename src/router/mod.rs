@@ -1,7 +1,8 @@
 //! Where a message goes. Per worker: one trie holding the subscriptions of its own sessions and
 //! the interest of every other worker (which filters each has subscribers or shared groups for),
-//! so routing a message walks its topic once; the retained store and the shared groups homed here. Pure data: the worker asks, the router answers; it never
-//! sends anything itself.
+//! so routing a message walks its topic once (and a run of one topic walks once: `Memo`); the
+//! retained store and the shared groups homed here. Pure data: the worker asks, the router
+//! answers; it never sends anything itself.
 //!
 //! Interest is counted per filter: a worker announces a filter to its peers when its first
 //! reason to want it appears (a subscriber, or a shared group homed here) and retracts it when the

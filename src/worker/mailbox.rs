@@ -1,8 +1,9 @@
 //! The mailbox between workers: what one worker sends another (`Mail`), the rings it goes
 //! through, the batch of plain messages being filled for each peer (its layout is `batch`'s) and
 //! the emptied batches given back for reuse, the bounded overflow kept while a peer's ring is
-//! full, and wake-ups batched to at most one per sleep of a peer. Also the operations waiting for peers' acknowledgements
-//! (`Pending`): a SUBSCRIBE that announced a new filter completes only once every peer applied it.
+//! full, and wake-ups batched to at most one per sleep of a peer. Also the operations waiting for
+//! peers' acknowledgements (`Pending`): a SUBSCRIBE that announced a new filter completes only
+//! once every peer applied it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
