@@ -9,7 +9,7 @@
 //! the worker adds that histogram into its shared slot (one uncontended lock per worker per
 //! 250 ms), where `$SYS` and `/metrics` read it.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -20,6 +20,19 @@ const HIGHEST_US: u64 = 3_600_000_000;
 /// thousands of different turns).
 const TURN_ENTRIES: usize = 1024;
 
+/// The instant read times count from: the first one asked for (a worker asks before any read).
+/// A read time is a number of nanoseconds since it, so it crosses workers in a batch as it is and
+/// the clock is converted once per loop turn, not once per message.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `t` as a read time: nanoseconds since `epoch()`.
+pub fn nanos(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
 pub fn histogram() -> Histogram<u64> {
     // Two significant digits: 1% resolution in about 50 KiB.
     Histogram::new_with_bounds(1, HIGHEST_US, 2).expect("valid histogram bounds")
@@ -27,7 +40,7 @@ pub fn histogram() -> Histogram<u64> {
 
 /// One worker's deliveries in the current turn, and its histogram since the last tick.
 pub struct Latency {
-    turn: Vec<(Instant, u64)>,
+    turn: Vec<(u64, u64)>,
     local: Histogram<u64>,
 }
 
@@ -38,11 +51,11 @@ impl Default for Latency {
 }
 
 impl Latency {
-    /// `n` messages read at `read_at` were written to a subscriber's output in this turn.
+    /// `n` messages read at `read_at` (`nanos`) were written to a subscriber's output in this turn.
     /// Messages without a read time (retained messages sent on subscribe, `$SYS`, recovered
     /// ones) are not counted.
     #[inline]
-    pub fn note(&mut self, read_at: Option<Instant>, n: u64) {
+    pub fn note(&mut self, read_at: Option<u64>, n: u64) {
         let Some(t) = read_at else { return };
         if n == 0 {
             return;
@@ -61,8 +74,9 @@ impl Latency {
 
     /// After the turn's writes: records what the turn delivered.
     pub fn end_turn(&mut self, now: Instant) {
+        let now = nanos(now);
         for (t, n) in self.turn.drain(..) {
-            let us = now.saturating_duration_since(t).as_micros().clamp(1, HIGHEST_US as u128) as u64;
+            let us = (now.saturating_sub(t) / 1000).clamp(1, HIGHEST_US);
             let _ = self.local.record_n(us, n);
         }
     }
@@ -136,8 +150,8 @@ mod tests {
     fn a_fan_out_is_one_entry_recorded_n_times() {
         let mut l = Latency::default();
         let t = Instant::now();
-        l.note(Some(t), 1);
-        l.note(Some(t), 99);
+        l.note(Some(nanos(t)), 1);
+        l.note(Some(nanos(t)), 99);
         l.note(None, 5);
         assert_eq!(l.turn.len(), 1);
         l.end_turn(t + Duration::from_micros(250));

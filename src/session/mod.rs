@@ -36,9 +36,10 @@ pub struct Message {
     /// Durable persistence: (origin worker << 48) | sequence, so each worker can report how far
     /// it has routed (see `store`); 0 when not persisted.
     pub stamp: u64,
-    /// The loop turn that read the PUBLISH, for delivery latency; None for messages that are
-    /// not a live delivery (the broker's own, retained replays, recovered from the store).
-    pub read_at: Option<Instant>,
+    /// The loop turn that read the PUBLISH, for delivery latency (`metrics::latency::nanos`);
+    /// None for messages that are not a live delivery (the broker's own, retained replays,
+    /// recovered from the store).
+    pub read_at: Option<u64>,
 }
 
 impl Message {

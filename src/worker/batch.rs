@@ -14,8 +14,8 @@
 //! properties or an expiry (`fits`). The others keep `Mail::Publish`; a batch is sent ahead of any
 //! other mail to the same peer, so the ring's order is the routing order either way.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+#[cfg(test)]
+use std::time::Instant;
 
 use super::deliver::View;
 use crate::codec::QoS;
@@ -78,13 +78,6 @@ pub fn size(m: &View<'_>) -> usize {
     HEAD + m.topic.len() + m.payload.len()
 }
 
-/// Instants as nanoseconds since the first one asked for (by `Worker::new`, before any read), so
-/// a read time can cross as a number.
-pub fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
 /// Copies `m` (which `fits`) to the end of `buf`.
 pub fn append(buf: &mut Vec<u8>, m: &View<'_>, seq: u32) {
     let len = size(m);
@@ -99,7 +92,7 @@ pub fn append(buf: &mut Vec<u8>, m: &View<'_>, seq: u32) {
     });
     let read_at = m.read_at.map_or(0, |t| {
         flags |= HAS_READ_AT;
-        t.saturating_duration_since(epoch()).as_nanos() as u64
+        t
     });
     // The head is built on the stack and copied in once: one bounds check, not ten.
     let mut head = [0u8; HEAD];
@@ -153,7 +146,7 @@ pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
         conn: u32::from_le_bytes(field(b, 25)),
         conn_uid: u64::from_le_bytes(field(b, 29)),
     });
-    let read_at = (flags & HAS_READ_AT != 0).then(|| epoch() + Duration::from_nanos(u64::from_le_bytes(field(b, 37))));
+    let read_at = (flags & HAS_READ_AT != 0).then(|| u64::from_le_bytes(field(b, 37)));
     let topic = std::str::from_utf8(&b[HEAD..HEAD + topic_len]).ok()?;
     // Not retained, no properties, no expiry: only plain messages are written (`fits`).
     let view =
@@ -171,8 +164,7 @@ mod tests {
 
     #[test]
     fn a_batch_gives_back_every_message_in_order_with_what_routing_needs() {
-        epoch();
-        let now = Instant::now();
+        let now = 123_456_789;
         let mut b = Batch::default();
         let mut first = view("a/b", b"one", QoS::AtMostOnce);
         first.origin = Some((3, 77));
@@ -191,8 +183,7 @@ mod tests {
         let (v, seq) = &got[0];
         assert_eq!((v.topic, v.payload, v.qos, *seq), ("a/b", &b"one"[..], QoS::AtMostOnce, 5));
         assert_eq!((v.origin, v.publisher, v.stamp), (Some((3, 77)), None, 0));
-        let back = v.read_at.expect("read time kept");
-        assert!(back.max(now) - back.min(now) < Duration::from_micros(1));
+        assert_eq!(v.read_at, Some(now), "read time kept");
         let (v, seq) = &got[1];
         assert_eq!((v.topic, v.payload, v.qos, *seq), ("", &b""[..], QoS::ExactlyOnce, 6));
         assert_eq!(v.publisher, Some(Publisher { worker: 1, conn: 9, conn_uid: u64::MAX }));

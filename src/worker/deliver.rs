@@ -29,7 +29,7 @@ pub struct View<'a> {
     pub publisher: Option<Publisher>,
     pub expires_at: Option<Instant>,
     pub stamp: u64,
-    pub read_at: Option<Instant>,
+    pub read_at: Option<u64>,
     /// When the PUBLISH reached the host (`Conn::arrived`); 0: not known, or not a client's.
     pub arrived: u64,
 }

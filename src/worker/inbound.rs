@@ -242,7 +242,7 @@ impl Worker {
                     .and_then(|p| p.message_expiry_interval)
                     .map(|s| self.clock.now + Duration::from_secs(s as u64)),
                 stamp,
-                read_at: Some(self.clock.now),
+                read_at: Some(self.clock.read_ns),
                 arrived: self.conns[k].arrived,
             };
             matched = self.route_view(&m, None);

@@ -78,17 +78,20 @@ pub struct Clock {
     pub now: Instant,
     /// Milliseconds since the worker started.
     pub ms: u64,
+    /// `now` as a read time (`metrics::latency::nanos`).
+    pub read_ns: u64,
 }
 
 impl Clock {
     fn new() -> Clock {
         let now = Instant::now();
-        Clock { epoch: now, now, ms: 0 }
+        Clock { epoch: now, now, ms: 0, read_ns: crate::metrics::latency::nanos(now) }
     }
 
     fn update(&mut self) {
         self.now = Instant::now();
         self.ms = self.now.duration_since(self.epoch).as_millis() as u64;
+        self.read_ns = crate::metrics::latency::nanos(self.now);
     }
 
     /// The millisecond clock in 32 bits, wrapping after 49 days: what connections store (keep
@@ -235,7 +238,7 @@ impl Worker {
         inbox: Vec<Option<Consumer<Mail>>>,
     ) -> Worker {
         let n = shared.workers;
-        batch::epoch();
+        crate::metrics::latency::epoch();
         // Sized for this worker's share of `max_connections` up front: the memory is only
         // reserved, and pages are touched as entries are used, so growth never copies.
         let per_worker = shared.config.max_connections.div_ceil(n);
