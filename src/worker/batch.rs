@@ -1,6 +1,6 @@
 //! The layout of a routed message copied into a byte buffer: how a batch of messages crosses to a
-//! peer worker in one ring slot (`Batch`), and how the arrival-order list keeps what it routed
-//! (`recent::Recent`). It owns the layout and nothing else: no routing, no I/O.
+//! peer worker in one ring slot (`Batch`). It owns the layout and nothing else: no routing, no
+//! I/O.
 //!
 //! Why bytes and not one `Arc<Message>` per message: a shared message costs three allocations on
 //! the sender (the `Arc`, topic and payload) and three frees on the receiving thread, which glibc

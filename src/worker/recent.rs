@@ -3,20 +3,22 @@
 //! never sends or delivers.
 //!
 //! Listing is on the path of every PUBLISH a client sends, so it costs one copy and nothing more:
-//! each message goes to the end of a log of chunks, as one record that carries what the list needs
-//! (arrival stamp, peers it was sent to, sequence number) ahead of the message in `batch`'s layout.
-//! No allocation per message, no index beside the log: records are in sequence order, so the
-//! oldest is at the front, the count is a difference of sequence numbers, and trimming moves the
-//! front forward, dropping a chunk once it holds nothing listed. A message that is not plain
-//! (`batch::fits`: 5.0 properties or an expiry) keeps its shared copy on a side list, and what
-//! catching up has given to whom is kept on another, both rare.
+//! each message goes to the end of a log of chunks, as a record of what is its own (peers it was
+//! sent to, QoS, stamp, topic, payload) behind a run head of what the messages of one read share
+//! (arrival stamp, origin, publisher, read time), written once per run. Its sequence number is its
+//! place in the log. No allocation per message, no index beside the log: records are in sequence
+//! order, so the oldest is at the front, the count is a difference of sequence numbers, and
+//! trimming moves the front forward, dropping a chunk once it holds nothing listed. A message that
+//! is not plain (`batch::fits`: 5.0 properties or an expiry) keeps its shared copy on a side
+//! list, and what catching up has given to whom is kept on another, both rare.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::batch::{self, field};
 use super::deliver::View;
-use crate::session::Message;
+use crate::codec::QoS;
+use crate::session::{Message, Publisher};
 
 /// How long a routed message stays on the list, by its arrival stamp.
 pub const WINDOW_NS: u64 = 500_000_000;
@@ -30,8 +32,63 @@ pub const GIVEN_MAX: usize = 64;
 /// Log chunks are this large (a larger message gets a chunk of its own): the list holds at most
 /// one chunk more than its bounds.
 const CHUNK: usize = 64 * 1024;
-/// Before each record: arrival stamp, peers sent to, whether it is on the shared side list.
-const HEAD: usize = 8 + 8 + 1;
+/// A message record: flags (QoS, on the shared side list), peers sent to, stamp, topic length,
+/// payload length; then topic and payload.
+const MSG_HEAD: usize = 1 + 8 + 8 + 2 + 4;
+const SHARED: u8 = 1 << 2;
+/// A run head: flags, arrival stamp, origin, publisher, read time. It comes before a run of
+/// messages that share them (one read of one connection), and at the start of each chunk.
+const RUN_HEAD: usize = 1 + 8 + 6 + 14 + 8;
+const RUN_MARK: u8 = 1 << 7;
+const HAS_ORIGIN: u8 = 1;
+const HAS_PUBLISHER: u8 = 1 << 1;
+const HAS_READ_AT: u8 = 1 << 2;
+
+/// What consecutive messages from one read share, written once for the run.
+#[derive(Clone, Copy, Default, PartialEq)]
+struct Run {
+    arrived: u64,
+    origin: Option<(u16, u32)>,
+    publisher: Option<Publisher>,
+    read_at: Option<u64>,
+}
+
+impl Run {
+    fn head(&self) -> [u8; RUN_HEAD] {
+        let mut h = [0u8; RUN_HEAD];
+        let (ow, os) = self.origin.unwrap_or_default();
+        let p = self.publisher.unwrap_or(Publisher { worker: 0, conn: 0, conn_uid: 0 });
+        h[0] = RUN_MARK
+            | if self.origin.is_some() { HAS_ORIGIN } else { 0 }
+            | if self.publisher.is_some() { HAS_PUBLISHER } else { 0 }
+            | if self.read_at.is_some() { HAS_READ_AT } else { 0 };
+        h[1..9].copy_from_slice(&self.arrived.to_le_bytes());
+        h[9..11].copy_from_slice(&ow.to_le_bytes());
+        h[11..15].copy_from_slice(&os.to_le_bytes());
+        h[15..17].copy_from_slice(&p.worker.to_le_bytes());
+        h[17..21].copy_from_slice(&p.conn.to_le_bytes());
+        h[21..29].copy_from_slice(&p.conn_uid.to_le_bytes());
+        h[29..37].copy_from_slice(&self.read_at.unwrap_or(0).to_le_bytes());
+        h
+    }
+
+    fn read(r: &[u8]) -> Option<Run> {
+        if r.len() < RUN_HEAD {
+            return None;
+        }
+        let f = r[0];
+        Some(Run {
+            arrived: u64::from_le_bytes(field(r, 1)),
+            origin: (f & HAS_ORIGIN != 0).then(|| (u16::from_le_bytes(field(r, 9)), u32::from_le_bytes(field(r, 11)))),
+            publisher: (f & HAS_PUBLISHER != 0).then(|| Publisher {
+                worker: u16::from_le_bytes(field(r, 15)),
+                conn: u32::from_le_bytes(field(r, 17)),
+                conn_uid: u64::from_le_bytes(field(r, 21)),
+            }),
+            read_at: (f & HAS_READ_AT != 0).then(|| u64::from_le_bytes(field(r, 29))),
+        })
+    }
+}
 
 /// A session, anywhere in the broker: (worker, session key, session uid).
 pub type Who = (u16, u32, u64);
@@ -67,6 +124,8 @@ pub struct Recent {
     chunks: VecDeque<Chunk>,
     /// One emptied chunk, kept for the next.
     spare: Option<Vec<u8>>,
+    /// The run the back chunk's last message belongs to.
+    run: Option<Run>,
     /// Bytes in the chunks.
     bytes: usize,
     /// The list-wide number of the next record; the mail carries the low 32 bits.
@@ -89,6 +148,7 @@ impl Recent {
             on: enabled && workers > 1 && workers <= 64,
             chunks: VecDeque::new(),
             spare: None,
+            run: None,
             bytes: 0,
             next: 1,
             shared: VecDeque::new(),
@@ -136,27 +196,42 @@ impl Recent {
             self.shared.push_back((id, shared.get_or_insert_with(|| m.to_message()).clone()));
         }
         // A message that is not plain is listed by its topic alone (for matching).
-        let kept = if plain { *m } else { View { payload: &[], ..*m } };
-        let n = HEAD + batch::size(&kept);
+        let payload = if plain { m.payload } else { &[] };
+        let run = Run { arrived: m.arrived, origin: m.origin, publisher: m.publisher, read_at: m.read_at };
+        let n = MSG_HEAD + m.topic.len() + payload.len();
         // A chunk holds consecutive numbers (routing one message never routes another, but a
-        // chunk would not be misread if it did).
-        if !self.chunks.back().is_some_and(|c| c.buf.capacity() - c.buf.len() >= n && c.first + c.count == id) {
+        // chunk would not be misread if it did), and starts with a run head of its own.
+        if !self
+            .chunks
+            .back()
+            .is_some_and(|c| c.buf.capacity() - c.buf.len() >= RUN_HEAD + n && c.first + c.count == id)
+        {
             self.trim(m.arrived.saturating_sub(WINDOW_NS));
             let buf = match self.spare.take() {
-                Some(c) if c.capacity() >= n => c,
-                _ => Vec::with_capacity(CHUNK.max(n)),
+                Some(c) if c.capacity() >= RUN_HEAD + n => c,
+                _ => Vec::with_capacity(CHUNK.max(RUN_HEAD + n)),
             };
             self.chunks.push_back(Chunk { first: id, count: 0, newest: 0, buf });
+            self.run = None;
         }
-        if let Some(c) = self.chunks.back_mut() {
-            c.buf.extend_from_slice(&m.arrived.to_le_bytes());
-            c.buf.extend_from_slice(&sent.to_le_bytes());
-            c.buf.push(!plain as u8);
-            batch::append(&mut c.buf, &kept, id as u32);
-            c.count += 1;
-            c.newest = c.newest.max(m.arrived);
+        let Some(c) = self.chunks.back_mut() else { return };
+        let before = c.buf.len();
+        if self.run != Some(run) {
+            self.run = Some(run);
+            c.buf.extend_from_slice(&run.head());
         }
-        self.bytes += n;
+        let mut head = [0u8; MSG_HEAD];
+        head[0] = m.qos as u8 | if plain { 0 } else { SHARED };
+        head[1..9].copy_from_slice(&sent.to_le_bytes());
+        head[9..17].copy_from_slice(&m.stamp.to_le_bytes());
+        head[17..19].copy_from_slice(&(m.topic.len() as u16).to_le_bytes());
+        head[19..23].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        c.buf.extend_from_slice(&head);
+        c.buf.extend_from_slice(m.topic.as_bytes());
+        c.buf.extend_from_slice(payload);
+        c.count += 1;
+        c.newest = c.newest.max(m.arrived);
+        self.bytes += c.buf.len() - before;
     }
 
     /// Drops the oldest chunks while everything in them arrived before `before`, or while the
@@ -196,25 +271,51 @@ impl Recent {
     pub fn matching<T>(&self, since: u64, mut wanted: impl FnMut(&str) -> Option<T>) -> Vec<(Listed, T)> {
         let mut out = Vec::new();
         for c in self.chunks.iter().filter(|c| c.newest > since) {
-            let (mut at, mut id) = (0, c.first);
-            while let Some(r) = c.buf.get(at..).filter(|r| r.len() > HEAD) {
-                let Some((v, seq, len)) = batch::read(&r[HEAD..]) else { break };
-                let arrived = u64::from_le_bytes(field(r, 0));
-                if arrived > since {
-                    if let Some(t) = wanted(v.topic) {
-                        let msg = if r[16] == 0 {
-                            Some(v.to_message())
-                        } else {
-                            let i = self.shared.partition_point(|(i, _)| *i < id);
-                            self.shared.get(i).filter(|(i, _)| *i == id).map(|(_, m)| m.clone())
+            let (mut at, mut id, mut run) = (0, c.first, Run::default());
+            while let Some(r) = c.buf.get(at..).filter(|r| !r.is_empty()) {
+                if r[0] & RUN_MARK != 0 {
+                    let Some(next) = Run::read(r) else { break };
+                    run = next;
+                    at += RUN_HEAD;
+                    continue;
+                }
+                if r.len() < MSG_HEAD {
+                    break;
+                }
+                let topic_len = u16::from_le_bytes(field(r, 17)) as usize;
+                let len = MSG_HEAD + topic_len + u32::from_le_bytes(field(r, 19)) as usize;
+                if len > r.len() {
+                    break;
+                }
+                let topic = std::str::from_utf8(&r[MSG_HEAD..MSG_HEAD + topic_len]).ok();
+                if let Some((topic, t)) = topic.filter(|_| run.arrived > since).and_then(|tp| Some((tp, wanted(tp)?))) {
+                    let msg = if r[0] & SHARED == 0 {
+                        let qos = match r[0] & 3 {
+                            0 => QoS::AtMostOnce,
+                            1 => QoS::AtLeastOnce,
+                            _ => QoS::ExactlyOnce,
                         };
-                        if let Some(msg) = msg {
-                            let sent = u64::from_le_bytes(field(r, 8));
-                            out.push((Listed { seq, sent, msg, id }, t));
-                        }
+                        let view = View {
+                            topic,
+                            payload: &r[MSG_HEAD + topic_len..len],
+                            qos,
+                            origin: run.origin,
+                            publisher: run.publisher,
+                            stamp: u64::from_le_bytes(field(r, 9)),
+                            read_at: run.read_at,
+                            ..View::default()
+                        };
+                        Some(view.to_message())
+                    } else {
+                        let i = self.shared.partition_point(|(i, _)| *i < id);
+                        self.shared.get(i).filter(|(i, _)| *i == id).map(|(_, m)| m.clone())
+                    };
+                    if let Some(msg) = msg {
+                        let sent = u64::from_le_bytes(field(r, 1));
+                        out.push((Listed { seq: id as u32, sent, msg, id }, t));
                     }
                 }
-                at += HEAD + len;
+                at += len;
                 id += 1;
             }
         }
@@ -260,7 +361,7 @@ mod tests {
         for i in 0..(MAX_ENTRIES as u64 + 10) {
             list(&mut r, 1_000 + i, "a", &[]);
         }
-        let per_chunk = CHUNK / (HEAD + 47 + 1 + 7);
+        let per_chunk = CHUNK / (RUN_HEAD + MSG_HEAD + 1 + 7);
         assert!(r.len() >= MAX_ENTRIES && r.len() <= MAX_ENTRIES + per_chunk, "{}", r.len());
         assert_eq!(topics(&r, 0, "a").len(), r.len());
         // A full chunk later, everything older than the window goes but what shares a chunk with
@@ -326,6 +427,47 @@ mod tests {
         assert_eq!((got.len(), got[0].clone()), (100, format!("{big}/900")));
         assert!(r.chunks.len() < before / 2, "chunks of old messages go: {} of {before}", r.chunks.len());
         assert!(topics(&r, 0, "t/").len() < 100 + CHUNK / 1000, "at most a chunk more is kept");
+    }
+
+    #[test]
+    fn a_run_from_one_read_shares_one_head_and_each_message_keeps_what_routing_needs() {
+        let mut r = Recent::new(4, true);
+        let one = Publisher { worker: 1, conn: 7, conn_uid: 70 };
+        let other = Publisher { worker: 1, conn: 8, conn_uid: 80 };
+        let read = |topic: &'static str, qos, publisher, stamp| View {
+            topic,
+            payload: topic.as_bytes(),
+            qos,
+            origin: Some((1, 3)),
+            publisher: Some(publisher),
+            stamp,
+            read_at: Some(5_000),
+            arrived: 100,
+            ..View::default()
+        };
+        let routed = [
+            (read("a/1", QoS::AtMostOnce, one, 0), &[2u16][..]),
+            (read("a/2", QoS::AtLeastOnce, one, 9), &[]),
+            (read("a/3", QoS::ExactlyOnce, one, 0), &[2, 3]),
+            (read("a/4", QoS::AtMostOnce, other, 0), &[]),
+        ];
+        for (v, peers) in &routed {
+            let id = r.next_id(true);
+            r.record(v, id, peers, &mut None);
+        }
+        let c = r.chunks.back().expect("a chunk");
+        let data: usize = routed.iter().map(|(v, _)| MSG_HEAD + 2 * v.topic.len()).sum();
+        assert_eq!(c.buf.len(), 2 * RUN_HEAD + data, "one head for the first three, one for the fourth");
+        let found = r.matching(99, |t| Some(t.to_string()));
+        assert_eq!(found.len(), 4);
+        for ((l, topic), (v, peers)) in found.iter().zip(&routed) {
+            let m = &l.msg;
+            assert_eq!((&m.topic[..], &m.payload[..], m.qos, m.stamp), (v.topic, v.topic.as_bytes(), v.qos, v.stamp));
+            assert_eq!((m.origin, m.publisher, m.read_at), (v.origin, v.publisher, v.read_at));
+            assert_eq!((topic.as_str(), l.sent), (v.topic, peers.iter().fold(0, |s, &p| s | 1 << p)));
+        }
+        assert_eq!(found.iter().map(|(l, _)| l.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert!(r.matching(100, |_| Some(())).is_empty(), "arrived at 100: not after 100");
     }
 
     #[test]
