@@ -36,8 +36,26 @@ pub struct View<'a> {
 
 impl View<'_> {
     pub(super) fn to_message(&self) -> Arc<Message> {
+        self.with_topic(MqttStr::from(self.topic))
+    }
+
+    /// `to_message`, sharing the topic of the last message kept when it is the same one (a run
+    /// of messages on one topic, as one client's read brings, allocates its topic once), and
+    /// leaving itself in `last`. A lone message allocates what it did: its topic is shared only
+    /// once a second message wants it.
+    pub(super) fn to_message_in(&self, last: &mut Option<Arc<Message>>) -> Arc<Message> {
+        let topic = match last {
+            Some(l) if *l.topic == *self.topic => l.topic.clone(),
+            _ => MqttStr::from(self.topic),
+        };
+        let msg = self.with_topic(topic);
+        *last = Some(msg.clone());
+        msg
+    }
+
+    fn with_topic(&self, topic: MqttStr) -> Arc<Message> {
         Arc::new(Message {
-            topic: MqttStr::from(self.topic),
+            topic,
             payload: Bytes::copy_from_slice(self.payload),
             qos: self.qos,
             retain: self.retain,
@@ -92,7 +110,7 @@ impl Worker {
         let mut keep = false;
         if m.retain {
             peers.extend(self.mailbox.peers().map(|p| p as u16));
-            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
             keep = self.room_to_retain(&msg);
             self.store_retained(&msg, keep);
             self.persist_retained(&msg, keep);
@@ -113,7 +131,7 @@ impl Worker {
             if plain {
                 self.mailbox.publish(p as usize, m, seq);
             } else {
-                let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+                let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
                 self.mailbox.send(p as usize, Mail::Publish { msg, keep, seq });
             }
         }
@@ -208,13 +226,13 @@ impl Worker {
             // [MQTT-3.3.1-9]: forwarded with retain cleared, unless 5.0 retain-as-published.
             let retain = m.retain && o.retain_as_published;
             if qos != QoS::AtMostOnce {
-                let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+                let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
                 self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 }, true);
                 continue;
             }
             let Some(ck) = s.conn else { continue }; // QoS 0 is not kept for offline sessions
             if s.backlog.is_some() {
-                let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+                let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
                 self.behind_backlog(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 });
                 continue;
             }
@@ -267,7 +285,7 @@ impl Worker {
         groups.clear();
         self.router.groups_matching(m.topic, &mut groups);
         for &g in &groups {
-            let msg = shared.get_or_insert_with(|| m.to_message()).clone();
+            let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
             self.deliver_to_group(g, msg);
         }
         let any = !groups.is_empty();

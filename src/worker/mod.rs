@@ -147,6 +147,8 @@ struct Scratch {
     peers: Vec<u16>,
     groups: Vec<crate::router::GroupId>,
     mail: Vec<(u16, Mail)>,
+    /// The last message kept (`View::to_message_in`).
+    kept: Option<Arc<crate::session::Message>>,
 }
 
 /// Plain per-worker counters, copied into `Shared::stats` once per tick.
