@@ -14,7 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::ring::{ring, Consumer, Producer};
-use crate::worker::{Mail, Worker, WAKER};
+use crate::worker::{Mail, WAKER};
 
 /// Counters a worker publishes for `$SYS`, stored (not incremented) once per tick by their one
 /// writer, so the hot path touches no shared cache line.
@@ -36,6 +36,8 @@ pub struct WorkerStats {
     /// Messages delivered to a subscription read after them (`worker::catchup`).
     pub caught_up: AtomicU64,
     pub wakeups: AtomicU64,
+    /// Turns run for a sleeping peer instead of waking it (`worker::Worker::help`).
+    pub helped_turns: AtomicU64,
     pub interest_filters: AtomicU64,
     /// Refusals by byte budget (see `worker::limits`).
     pub limits: [AtomicU64; crate::worker::LIMITS],
@@ -59,6 +61,9 @@ pub struct Shared {
     pub wakers: Vec<Arc<Waker>>,
     /// Whether each worker sleeps (and must be woken for mail).
     pub parking: Vec<crate::ring::Parking>,
+    /// Each worker, locked by its thread for a turn and free while it sleeps, when a peer with
+    /// mail for it may run a turn for it instead of waking it (`worker::run`).
+    pub slots: Vec<std::sync::Mutex<Option<Box<crate::worker::Worker>>>>,
     pub stats: Vec<WorkerStats>,
     /// Every `[[bridge]]`: its configuration, TLS client configuration and live figures.
     pub bridges: Vec<crate::worker::BridgeShared>,
@@ -245,6 +250,7 @@ impl Broker {
             connections: AtomicUsize::new(0),
             wakers,
             parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),
+            slots: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             latency: (0..n).map(|_| Default::default()).collect(),
             bridges,
@@ -289,7 +295,7 @@ impl Broker {
                 }
                 let stopper = Stopper(shared.clone());
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    Worker::new(id, shared, poll, listener, outbox, inbox).run()
+                    crate::worker::run(id, shared, poll, listener, outbox, inbox)
                 }));
                 let why = match run {
                     Ok(Ok(())) => return,

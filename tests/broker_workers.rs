@@ -15,6 +15,44 @@ use bytes::{Bytes, BytesMut};
 use common::*;
 use tern::codec::*;
 
+/// A worker with mail for a sleeping peer runs the peer's turn itself instead of waking it: at a
+/// trickle, messages that cross workers arrive, in order, and `$SYS/broker/internal/helped_turns`
+/// counts the turns so run.
+#[test]
+fn a_trickle_across_workers_is_delivered_by_helped_turns() {
+    let b = start(2);
+    let addr = b.local_addr();
+    // Eight pairs: with two workers some publisher and its subscriber live on different ones.
+    let mut pairs: Vec<(Client, Client)> = (0..8)
+        .map(|i| {
+            let (mut sub, _) = Client::connect(addr, &format!("trickle-sub-{i}"), true);
+            assert_eq!(sub.subscribe(&format!("trickle/{i}"), QoS::AtLeastOnce), ReasonCode::GRANTED_QOS_1);
+            (Client::connect(addr, &format!("trickle-pub-{i}"), true).0, sub)
+        })
+        .collect();
+    // One message at a time, each awaited: the broker is idle, its workers asleep, between them.
+    for n in 0..20 {
+        for (i, (publisher, sub)) in pairs.iter_mut().enumerate() {
+            let topic = format!("trickle/{i}");
+            publisher.publish(&topic, format!("m{n}"), QoS::AtLeastOnce, false);
+            let m = sub.recv_publish();
+            assert_eq!((m.topic.as_ref(), &m.payload[..]), (topic.as_str(), format!("m{n}").as_bytes()));
+            sub.ack(&m);
+        }
+    }
+    let (mut sys, _) = Client::connect(addr, "trickle-sys", true);
+    sys.subscribe("$SYS/broker/internal/helped_turns", QoS::AtMostOnce);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let m = sys.recv_publish();
+        let helped: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+        if helped > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no turn was run for a sleeping peer");
+    }
+}
+
 /// Spec 3.8.4: once a client has its SUBACK, messages published to a matching
 /// topic are delivered to it. With routing by interest the worker that receives the PUBLISH must
 /// already know of the new subscriber: the SUBACK waits for every peer to acknowledge it.

@@ -64,7 +64,7 @@ pub fn render(shared: &Shared) -> String {
         let n: u64 = stats.iter().map(|s| s.limits[l as usize].load(Ordering::Relaxed)).sum();
         let _ = writeln!(o.0, "tern_limit_refusals_total{{limit=\"{}\"}} {n}", l.name());
     }
-    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 7] = [
+    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 8] = [
         ("tern_worker_messages_received_total", "counter", "PUBLISH packets received, per worker.", |s| {
             &s.messages_received
         }),
@@ -75,6 +75,12 @@ pub fn render(shared: &Shared) -> String {
         }),
         ("tern_worker_ring_pushes_total", "counter", "Mail pushed into peers' rings, per worker.", |s| &s.ring_pushes),
         ("tern_worker_wakeups_total", "counter", "Wake-ups of sleeping peers, per worker.", |s| &s.wakeups),
+        (
+            "tern_worker_helped_turns_total",
+            "counter",
+            "Turns run for a sleeping peer instead of waking it, per worker.",
+            |s| &s.helped_turns,
+        ),
         (
             "tern_worker_caught_up_total",
             "counter",

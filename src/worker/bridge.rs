@@ -253,8 +253,7 @@ impl Worker {
         let mut transport = transport;
         let k = self.conns.next_key();
         // Writable once connected (or failed): the CONNECT waits in the output until then.
-        if let Err(e) =
-            self.poll.registry().register(transport.source(), Token(k.0), Interest::READABLE | Interest::WRITABLE)
+        if let Err(e) = self.registry.register(transport.source(), Token(k.0), Interest::READABLE | Interest::WRITABLE)
         {
             log::warn!("bridge {}: register: {e}", b.config.name);
             return self.bridge_failed(i);

@@ -423,7 +423,7 @@ impl Worker {
         let home = self.shared.home_of(&connect.client_id);
         let Some(c) = self.conns.remove(k) else { return };
         let mut transport = c.transport;
-        let _ = self.poll.registry().deregister(transport.source());
+        let _ = self.registry.deregister(transport.source());
         let created = self.clock.now - Duration::from_millis(self.clock.ms32().wrapping_sub(c.created) as u64);
         let h = Handover { transport, rest, connect, assigned_id, created };
         self.mailbox.send(home, Mail::Handover(Box::new(h)));
@@ -434,7 +434,7 @@ impl Worker {
         let k = self.conns.next_key();
         // Readable and writable: TLS or WebSocket output may still wait for the socket.
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self.poll.registry().register(transport.source(), Token(k.0), interest) {
+        if let Err(e) = self.registry.register(transport.source(), Token(k.0), interest) {
             log::warn!("cannot register handed-over connection from {}: {e}", transport.peer());
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -461,7 +461,7 @@ impl Worker {
     /// 5.0 clients the server is shutting down, and writes what is pending.
     pub(super) fn shutdown(&mut self) {
         for mut l in std::mem::take(&mut self.listeners) {
-            let _ = self.poll.registry().deregister(&mut l);
+            let _ = self.registry.deregister(&mut l);
         }
         let keys = self.conns.keys();
         // Wills first, while every subscriber is still connected to receive them.

@@ -132,6 +132,8 @@ pub struct Mailbox {
     /// Pushes into rings, and wake-ups sent, for `$SYS/broker/internal/`.
     pub pushes: u64,
     pub wakeups: u64,
+    /// Turns run for a sleeping peer instead of waking it (`Worker::help`).
+    pub helped: u64,
     /// Mail dropped past `OVERFLOW_LIMIT`.
     pub dropped: u64,
     /// Handed-over connections dropped past `OVERFLOW_LIMIT`, not yet taken off the broker's
@@ -160,6 +162,7 @@ impl Mailbox {
             wake: vec![false; n],
             pushes: 0,
             wakeups: 0,
+            helped: 0,
             dropped: 0,
             lost_connections: 0,
             unconfirmed: vec![0; n],
@@ -362,13 +365,13 @@ impl Mailbox {
         }
     }
 
-    /// Wakes the peers this turn sent mail to, if they sleep: one eventfd write per sleep of a
-    /// peer, however much mail it gets.
-    pub fn wake_peers(&mut self, shared: &Shared) {
+    /// The peers this turn sent mail to that sleep, into `due` (emptied first): each must be
+    /// woken (one eventfd write per sleep of a peer, however much mail it gets) or helped.
+    pub fn due_wakes(&mut self, shared: &Shared, due: &mut Vec<usize>) {
+        due.clear();
         for to in 0..self.wake.len() {
             if std::mem::take(&mut self.wake[to]) && shared.parking[to].needs_wake() {
-                self.wakeups += 1;
-                let _ = shared.wakers[to].wake();
+                due.push(to);
             }
         }
     }

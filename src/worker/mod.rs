@@ -1,6 +1,7 @@
 //! One worker: a single-threaded `mio` event loop that owns its connections, the sessions whose
 //! client ids live here, its router (subscriptions, peers' interest, retained store, shared
-//! groups) and its ends of the rings. Nothing here takes a lock.
+//! groups) and its ends of the rings. The one lock is the worker's own slot (`run`): its thread
+//! holds it for a turn and lets go while it sleeps; nothing in a turn waits for another lock.
 //!
 //! One loop turn, in this order and nowhere else:
 //! 1. read the clock once; sleep in `poll` unless work is pending (peers wake us only if parked);
@@ -9,7 +10,9 @@
 //! 3. take the mail peers sent (`mail`), then the SUBSCRIBEs read this turn, which thus see every
 //!    retained message routed before they arrived;
 //! 4. fire due timers; flush every connection with output, once; remove closed connections;
-//!    move held mail into rings and wake the peers that got mail.
+//!    move held mail into rings, and for each peer that got mail while it sleeps, run a turn for
+//!    it (`help`: its state is locked by its thread only while it is awake, so a peer can take
+//!    it while it sleeps), or wake it when that cannot be done.
 //!
 //! Closing a connection detaches it from its session at once but frees its slab slot only in
 //! step 4, so no handler ever finds a key it holds pointing at nothing.
@@ -40,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 
 use crate::broker::Shared;
 use crate::codec::QoS;
@@ -149,6 +152,8 @@ struct Scratch {
     mail: Vec<(u16, Mail)>,
     /// The last message kept (`View::to_message_in`).
     kept: Option<Arc<crate::session::Message>>,
+    /// Sleeping peers this turn sent mail to.
+    due: Vec<usize>,
 }
 
 /// Plain per-worker counters, copied into `Shared::stats` once per tick.
@@ -201,7 +206,12 @@ impl Counters {
 pub struct Worker {
     id: usize,
     shared: Arc<Shared>,
-    poll: Poll,
+    /// Where this worker's sockets are registered; its thread owns the `Poll` and sleeps in it.
+    registry: Registry,
+    /// This turn is run by a peer for this sleeping worker (`help`).
+    helping: bool,
+    /// When the worker, going to sleep, planned to wake (its clock's milliseconds).
+    wake_at_ms: u64,
     /// One socket per listener (`Shared::listeners` order), shared with the other workers
     /// through SO_REUSEPORT.
     listeners: Vec<TcpListener>,
@@ -234,7 +244,7 @@ impl Worker {
     pub fn new(
         id: usize,
         shared: Arc<Shared>,
-        poll: Poll,
+        registry: Registry,
         listeners: Vec<TcpListener>,
         outbox: Vec<Option<Producer<Mail>>>,
         inbox: Vec<Option<Consumer<Mail>>>,
@@ -253,7 +263,9 @@ impl Worker {
         };
         Worker {
             id,
-            poll,
+            registry,
+            helping: false,
+            wake_at_ms: 0,
             listeners,
             conns: Conns::with_capacity(per_worker),
             sessions: Sessions::with_capacity(per_worker),
@@ -283,68 +295,95 @@ impl Worker {
         }
     }
 
-    pub fn run(&mut self) -> io::Result<()> {
+    /// Before the loop: recovered sessions, bridges, listeners.
+    fn start(&mut self) -> io::Result<()> {
         self.recover();
         self.start_bridges();
         for (i, l) in self.listeners.iter_mut().enumerate() {
-            self.poll.registry().register(l, Token(LISTENERS - i), Interest::READABLE)?;
+            self.registry.register(l, Token(LISTENERS - i), Interest::READABLE)?;
         }
-        let mut events = Events::with_capacity(1024);
-        loop {
-            self.clock.update();
-            let idle = self.turn.more_to_read.is_empty() && self.turn.dirty.is_empty();
-            // Sleep only after telling producers so and finding the rings still empty.
-            let mailbox = &self.mailbox;
-            let sleep = idle && self.shared.parking[self.id].park(|| mailbox.inbox_empty());
-            let timeout = if sleep { self.sleep_time() } else { Duration::ZERO };
-            let polled = self.poll.poll(&mut events, Some(timeout));
-            self.shared.parking[self.id].unpark();
-            if let Err(e) = polled {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            self.clock.update();
-            // Mail first: a peer's new interest that arrived with this wake-up applies to the
-            // PUBLISHes read below (arrival order, as one loop would see it).
-            self.take_mail();
-            for ev in events.iter() {
-                match ev.token() {
-                    WAKER => {}
-                    t if listener_index(t).is_some() => self.accept(LISTENERS - t.0),
-                    t if linger::Lingering::is_token(t) => self.lingering.ready(self.poll.registry(), t),
-                    Token(k) => {
-                        let k = ConnKey(k);
-                        let Some(uid) = self.conns.get(k).map(|c| c.uid) else { continue };
-                        if ev.is_writable() && self.conns.alive(k, uid) {
-                            self.flush(k);
-                        }
-                        if ev.is_read_closed() || ev.is_error() {
-                            self.conns[k].flags.read_closed = true;
-                        }
-                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                        if readable && self.conns.alive(k, uid) {
-                            self.read_or_wait(k, uid);
-                        }
+        Ok(())
+    }
+
+    /// Step 1 of the turn, before the poll: how long the worker may sleep in it (zero: work is
+    /// pending or mail came in after the worker said it sleeps).
+    fn before_poll(&mut self) -> Duration {
+        self.clock.update();
+        let idle = self.turn.more_to_read.is_empty() && self.turn.dirty.is_empty();
+        // Sleep only after telling producers so and finding the rings still empty.
+        let mailbox = &self.mailbox;
+        let sleep = idle && self.shared.parking[self.id].park(|| mailbox.inbox_empty());
+        let timeout = if sleep { self.sleep_time() } else { Duration::ZERO };
+        self.wake_at_ms = self.clock.ms + timeout.as_millis() as u64;
+        timeout
+    }
+
+    /// Steps 2-4 of the turn, for what the poll returned. Returns false once the worker has
+    /// shut down. A turn run by a helping peer (`helping`) has no events and leaves shutting down
+    /// to the worker's own thread.
+    fn turn(&mut self, events: &Events) -> bool {
+        self.clock.update();
+        // Mail first: a peer's new interest that arrived with this wake-up applies to the
+        // PUBLISHes read below (arrival order, as one loop would see it).
+        self.take_mail();
+        for ev in events.iter() {
+            match ev.token() {
+                WAKER => {}
+                t if listener_index(t).is_some() => self.accept(LISTENERS - t.0),
+                t if linger::Lingering::is_token(t) => self.lingering.ready(&self.registry, t),
+                Token(k) => {
+                    let k = ConnKey(k);
+                    let Some(uid) = self.conns.get(k).map(|c| c.uid) else { continue };
+                    if ev.is_writable() && self.conns.alive(k, uid) {
+                        self.flush(k);
+                    }
+                    if ev.is_read_closed() || ev.is_error() {
+                        self.conns[k].flags.read_closed = true;
+                    }
+                    let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    if readable && self.conns.alive(k, uid) {
+                        self.read_or_wait(k, uid);
                     }
                 }
             }
-            for (k, uid) in std::mem::take(&mut self.turn.more_to_read) {
-                if self.conns.alive(k, uid) {
-                    self.read_or_wait(k, uid);
-                }
-            }
-            self.take_mail();
-            self.take_verdicts();
-            self.run_deferred();
-            if self.shared.shutdown.load(Ordering::Relaxed) {
-                self.shutdown();
-                self.flush_store();
-                return Ok(());
-            }
-            self.fire_timers();
-            self.end_turn();
         }
+        for (k, uid) in std::mem::take(&mut self.turn.more_to_read) {
+            if self.conns.alive(k, uid) {
+                self.read_or_wait(k, uid);
+            }
+        }
+        self.take_mail();
+        self.take_verdicts();
+        self.run_deferred();
+        if !self.helping && self.shared.shutdown.load(Ordering::Relaxed) {
+            self.shutdown();
+            self.flush_store();
+            return false;
+        }
+        self.fire_timers();
+        self.end_turn();
+        true
+    }
+
+    /// Runs one turn for sleeping peer `p` that this turn sent mail to, instead of waking it:
+    /// its thread stays asleep, so the mail costs no wake-up, no context switch and no second
+    /// poll. Returns whether `p` sleeps on with nothing due before it planned to wake; if not
+    /// (its lock is taken, it has work left, or the turn set an earlier deadline), it must be
+    /// woken. A helped turn wakes its own peers rather than helping them.
+    fn help(&mut self, p: usize) -> bool {
+        if self.helping {
+            return false;
+        }
+        let Ok(mut slot) = self.shared.slots[p].try_lock() else { return false };
+        let Some(peer) = slot.as_mut() else { return false };
+        peer.helping = true;
+        peer.turn(&Events::with_capacity(0));
+        peer.helping = false;
+        self.mailbox.helped += 1;
+        let due = peer.clock.ms + peer.sleep_time().as_millis() as u64;
+        let quiet = peer.turn.more_to_read.is_empty() && peer.turn.dirty.is_empty() && due >= peer.wake_at_ms;
+        let mailbox = &peer.mailbox;
+        quiet && self.shared.parking[p].park(|| mailbox.inbox_empty())
     }
 
     /// Reads a connection, unless a SUBSCRIBE or CONNECT read this turn waits for the turn's
@@ -371,7 +410,15 @@ impl Worker {
         self.mailbox.send_credits();
         self.mailbox.send_overflow();
         self.feed_starved();
-        self.mailbox.wake_peers(&self.shared);
+        let mut due = std::mem::take(&mut self.scratch.due);
+        self.mailbox.due_wakes(&self.shared, &mut due);
+        for &p in &due {
+            if !self.help(p) {
+                self.mailbox.wakeups += 1;
+                let _ = self.shared.wakers[p].wake();
+            }
+        }
+        self.scratch.due = due;
         if self.mailbox.lost_connections > 0 {
             self.shared.connections.fetch_sub(std::mem::take(&mut self.mailbox.lost_connections), Ordering::Relaxed);
         }
@@ -422,7 +469,7 @@ impl Worker {
                     let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
                     let over_limit = total > self.shared.config.max_connections;
                     let k = self.conns.next_key();
-                    if let Err(e) = self.poll.registry().register(transport.source(), Token(k.0), Interest::READABLE) {
+                    if let Err(e) = &self.registry.register(transport.source(), Token(k.0), Interest::READABLE) {
                         log::warn!("cannot register connection from {peer}: {e}");
                         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                         continue;
@@ -454,7 +501,7 @@ impl Worker {
                 Timer::Session(sk, uid) => self.session_timer(SessionKey(sk), uid),
                 Timer::Stall(sk, uid) => self.stall_check(SessionKey(sk), uid),
                 Timer::Partial(k, uid) => self.partial_timer(ConnKey(k), uid),
-                Timer::Linger(n, uid) => self.lingering.expire(self.poll.registry(), n, uid),
+                Timer::Linger(n, uid) => self.lingering.expire(&self.registry, n, uid),
             }
         }
         if self.clock.ms >= self.sys.next_tick_ms {
@@ -505,6 +552,55 @@ impl Worker {
                     c.wbuf = BytesMut::new();
                 }
             }
+        }
+    }
+}
+
+/// A worker's thread: builds the worker into its slot (`Shared::slots`), then loops: decide how
+/// long to sleep, poll, run the turn. The worker is locked for its turn and unlocked while its
+/// thread sleeps, when a peer may run a turn for it (`Worker::help`).
+pub fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    mut poll: Poll,
+    listeners: Vec<TcpListener>,
+    outbox: Vec<Option<Producer<Mail>>>,
+    inbox: Vec<Option<Consumer<Mail>>>,
+) -> io::Result<()> {
+    let registry = poll.registry().try_clone()?;
+    let slot = &shared.slots[id];
+    // Poisoned: a peer panicked running a turn for this worker, whose state may be half-changed.
+    let lock = || slot.lock().map_err(|_| io::Error::other("a turn run for this worker by a peer panicked"));
+    *lock()? = Some(Box::new(Worker::new(id, shared.clone(), registry, listeners, outbox, inbox)));
+    // Taken out of the slot when the thread ends, however it ends: the worker holds the `Shared`
+    // that holds the slot.
+    struct Vacate<'a>(&'a std::sync::Mutex<Option<Box<Worker>>>);
+    impl Drop for Vacate<'_> {
+        fn drop(&mut self) {
+            let w = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(w);
+        }
+    }
+    let _vacate = Vacate(slot);
+    lock()?.as_deref_mut().ok_or_else(|| io::Error::other("worker gone"))?.start()?;
+    let mut events = Events::with_capacity(1024);
+    loop {
+        let timeout = match lock()?.as_deref_mut() {
+            Some(w) => w.before_poll(),
+            None => return Ok(()),
+        };
+        let polled = poll.poll(&mut events, Some(timeout));
+        let mut g = lock()?;
+        let Some(w) = g.as_deref_mut() else { return Ok(()) };
+        w.shared.parking[id].unpark();
+        if let Err(e) = polled {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            events.clear();
+        }
+        if !w.turn(&events) {
+            return Ok(());
         }
     }
 }

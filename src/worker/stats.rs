@@ -61,6 +61,7 @@ impl Worker {
         s.trie_walks.store(self.router.walks, Ordering::Relaxed);
         s.caught_up.store(self.recent.caught_up, Ordering::Relaxed);
         s.wakeups.store(self.mailbox.wakeups, Ordering::Relaxed);
+        s.helped_turns.store(self.mailbox.helped, Ordering::Relaxed);
         s.interest_filters.store(self.router.announced_count() as u64, Ordering::Relaxed);
         for (to, &n) in s.limits.iter().zip(&c.limits) {
             to.store(n, Ordering::Relaxed);
@@ -112,6 +113,7 @@ impl Worker {
             ("$SYS/broker/internal/trie_walks", sum(|s| &s.trie_walks).to_string()),
             ("$SYS/broker/internal/caught_up", sum(|s| &s.caught_up).to_string()),
             ("$SYS/broker/internal/wakeups", sum(|s| &s.wakeups).to_string()),
+            ("$SYS/broker/internal/helped_turns", sum(|s| &s.helped_turns).to_string()),
             ("$SYS/broker/internal/interest_filters", sum(|s| &s.interest_filters).to_string()),
         ];
         let loads = self.sys.load.update(received, sent, connected);

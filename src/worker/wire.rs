@@ -285,7 +285,7 @@ impl Worker {
         let pending = !c.wbuf.is_empty() || c.transport.pending_output();
         if pending != c.flags.writable {
             let interest = if pending { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if self.poll.registry().reregister(c.transport.source(), Token(k.0), interest).is_ok() {
+            if self.registry.reregister(c.transport.source(), Token(k.0), interest).is_ok() {
                 c.flags.writable = pending;
             }
         }
@@ -342,12 +342,12 @@ impl Worker {
             let Some(c) = self.conns.remove(k) else { continue };
             let mut transport = c.transport;
             if c.flags.linger && self.lingering.has_room() {
-                if let Some((n, uid)) = self.lingering.start(self.poll.registry(), transport, c.wbuf) {
+                if let Some((n, uid)) = self.lingering.start(&self.registry, transport, c.wbuf) {
                     self.timers.arm(self.clock.ms + super::linger::LINGER_MS, Timer::Linger(n, uid));
                 }
                 continue;
             }
-            let _ = self.poll.registry().deregister(transport.source());
+            let _ = self.registry.deregister(transport.source());
         }
     }
 }
