@@ -31,6 +31,50 @@ const HAS_ORIGIN: u8 = 1 << 2;
 const HAS_PUBLISHER: u8 = 1 << 3;
 const HAS_READ_AT: u8 = 1 << 4;
 
+/// Bytes of a `Source`.
+pub const SOURCE: usize = 6 + 14 + 8;
+
+/// Where a message came from, laid out alike in a batch and in the arrival-order list: origin,
+/// publisher, read time; each one absent is zeros, with its flag unset.
+#[derive(Clone, Copy, Default, PartialEq)]
+pub struct Source {
+    pub origin: Option<(u16, u32)>,
+    pub publisher: Option<Publisher>,
+    pub read_at: Option<u64>,
+}
+
+impl Source {
+    /// Writes it into `b` (`SOURCE` bytes); returns its flags, which keep clear of bits 0, 1
+    /// and 7 (the flag byte's QoS and the list's run mark).
+    pub fn put(&self, b: &mut [u8]) -> u8 {
+        let (ow, os) = self.origin.unwrap_or_default();
+        let p = self.publisher.unwrap_or(Publisher { worker: 0, conn: 0, conn_uid: 0 });
+        b[0..2].copy_from_slice(&ow.to_le_bytes());
+        b[2..6].copy_from_slice(&os.to_le_bytes());
+        b[6..8].copy_from_slice(&p.worker.to_le_bytes());
+        b[8..12].copy_from_slice(&p.conn.to_le_bytes());
+        b[12..20].copy_from_slice(&p.conn_uid.to_le_bytes());
+        b[20..28].copy_from_slice(&self.read_at.unwrap_or(0).to_le_bytes());
+        (if self.origin.is_some() { HAS_ORIGIN } else { 0 })
+            | (if self.publisher.is_some() { HAS_PUBLISHER } else { 0 })
+            | (if self.read_at.is_some() { HAS_READ_AT } else { 0 })
+    }
+
+    /// Reads what `put` wrote into `b` and the flags it returned.
+    pub fn get(b: &[u8], flags: u8) -> Source {
+        Source {
+            origin: (flags & HAS_ORIGIN != 0)
+                .then(|| (u16::from_le_bytes(field(b, 0)), u32::from_le_bytes(field(b, 2)))),
+            publisher: (flags & HAS_PUBLISHER != 0).then(|| Publisher {
+                worker: u16::from_le_bytes(field(b, 6)),
+                conn: u32::from_le_bytes(field(b, 8)),
+                conn_uid: u64::from_le_bytes(field(b, 12)),
+            }),
+            read_at: (flags & HAS_READ_AT != 0).then(|| u64::from_le_bytes(field(b, 20))),
+        }
+    }
+}
+
 /// Messages on their way to one peer, in routing order.
 #[derive(Default)]
 pub struct Batch {
@@ -81,31 +125,13 @@ pub fn size(m: &View<'_>) -> usize {
 /// Copies `m` (which `fits`) to the end of `buf`.
 pub fn append(buf: &mut Vec<u8>, m: &View<'_>, seq: u32) {
     let len = size(m);
-    let mut flags = m.qos as u8;
-    let (ow, os) = m.origin.map_or((0, 0), |o| {
-        flags |= HAS_ORIGIN;
-        o
-    });
-    let p = m.publisher.map_or(Publisher { worker: 0, conn: 0, conn_uid: 0 }, |p| {
-        flags |= HAS_PUBLISHER;
-        p
-    });
-    let read_at = m.read_at.map_or(0, |t| {
-        flags |= HAS_READ_AT;
-        t
-    });
     // The head is built on the stack and copied in once: one bounds check, not ten.
     let mut head = [0u8; HEAD];
+    let source = Source { origin: m.origin, publisher: m.publisher, read_at: m.read_at };
     head[0..4].copy_from_slice(&(len as u32).to_le_bytes());
-    head[4] = flags;
+    head[4] = m.qos as u8 | source.put(&mut head[17..17 + SOURCE]);
     head[5..9].copy_from_slice(&seq.to_le_bytes());
     head[9..17].copy_from_slice(&m.stamp.to_le_bytes());
-    head[17..19].copy_from_slice(&ow.to_le_bytes());
-    head[19..23].copy_from_slice(&os.to_le_bytes());
-    head[23..25].copy_from_slice(&p.worker.to_le_bytes());
-    head[25..29].copy_from_slice(&p.conn.to_le_bytes());
-    head[29..37].copy_from_slice(&p.conn_uid.to_le_bytes());
-    head[37..45].copy_from_slice(&read_at.to_le_bytes());
     head[45..47].copy_from_slice(&(m.topic.len() as u16).to_le_bytes());
     buf.reserve(len);
     buf.extend_from_slice(&head);
@@ -139,14 +165,7 @@ pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
     };
     let seq = u32::from_le_bytes(field(b, 5));
     let stamp = u64::from_le_bytes(field(b, 9));
-    let origin =
-        (flags & HAS_ORIGIN != 0).then(|| (u16::from_le_bytes(field(b, 17)), u32::from_le_bytes(field(b, 19))));
-    let publisher = (flags & HAS_PUBLISHER != 0).then(|| Publisher {
-        worker: u16::from_le_bytes(field(b, 23)),
-        conn: u32::from_le_bytes(field(b, 25)),
-        conn_uid: u64::from_le_bytes(field(b, 29)),
-    });
-    let read_at = (flags & HAS_READ_AT != 0).then(|| u64::from_le_bytes(field(b, 37)));
+    let Source { origin, publisher, read_at } = Source::get(&b[17..17 + SOURCE], flags);
     let topic = std::str::from_utf8(&b[HEAD..HEAD + topic_len]).ok()?;
     // Not retained, no properties, no expiry: only plain messages are written (`fits`).
     let view =

@@ -15,10 +15,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::batch::{self, field};
+use super::batch::{self, field, Source, SOURCE};
 use super::deliver::View;
 use crate::codec::QoS;
-use crate::session::{Message, Publisher};
+use crate::session::Message;
 
 /// How long a routed message stays on the list, by its arrival stamp.
 pub const WINDOW_NS: u64 = 500_000_000;
@@ -38,37 +38,21 @@ const MSG_HEAD: usize = 1 + 8 + 8 + 2 + 4;
 const SHARED: u8 = 1 << 2;
 /// A run head: flags, arrival stamp, origin, publisher, read time. It comes before a run of
 /// messages that share them (one read of one connection), and at the start of each chunk.
-const RUN_HEAD: usize = 1 + 8 + 6 + 14 + 8;
+const RUN_HEAD: usize = 1 + 8 + SOURCE;
 const RUN_MARK: u8 = 1 << 7;
-const HAS_ORIGIN: u8 = 1;
-const HAS_PUBLISHER: u8 = 1 << 1;
-const HAS_READ_AT: u8 = 1 << 2;
 
 /// What consecutive messages from one read share, written once for the run.
 #[derive(Clone, Copy, Default, PartialEq)]
 struct Run {
     arrived: u64,
-    origin: Option<(u16, u32)>,
-    publisher: Option<Publisher>,
-    read_at: Option<u64>,
+    source: Source,
 }
 
 impl Run {
     fn head(&self) -> [u8; RUN_HEAD] {
         let mut h = [0u8; RUN_HEAD];
-        let (ow, os) = self.origin.unwrap_or_default();
-        let p = self.publisher.unwrap_or(Publisher { worker: 0, conn: 0, conn_uid: 0 });
-        h[0] = RUN_MARK
-            | if self.origin.is_some() { HAS_ORIGIN } else { 0 }
-            | if self.publisher.is_some() { HAS_PUBLISHER } else { 0 }
-            | if self.read_at.is_some() { HAS_READ_AT } else { 0 };
+        h[0] = RUN_MARK | self.source.put(&mut h[9..9 + SOURCE]);
         h[1..9].copy_from_slice(&self.arrived.to_le_bytes());
-        h[9..11].copy_from_slice(&ow.to_le_bytes());
-        h[11..15].copy_from_slice(&os.to_le_bytes());
-        h[15..17].copy_from_slice(&p.worker.to_le_bytes());
-        h[17..21].copy_from_slice(&p.conn.to_le_bytes());
-        h[21..29].copy_from_slice(&p.conn_uid.to_le_bytes());
-        h[29..37].copy_from_slice(&self.read_at.unwrap_or(0).to_le_bytes());
         h
     }
 
@@ -76,17 +60,7 @@ impl Run {
         if r.len() < RUN_HEAD {
             return None;
         }
-        let f = r[0];
-        Some(Run {
-            arrived: u64::from_le_bytes(field(r, 1)),
-            origin: (f & HAS_ORIGIN != 0).then(|| (u16::from_le_bytes(field(r, 9)), u32::from_le_bytes(field(r, 11)))),
-            publisher: (f & HAS_PUBLISHER != 0).then(|| Publisher {
-                worker: u16::from_le_bytes(field(r, 15)),
-                conn: u32::from_le_bytes(field(r, 17)),
-                conn_uid: u64::from_le_bytes(field(r, 21)),
-            }),
-            read_at: (f & HAS_READ_AT != 0).then(|| u64::from_le_bytes(field(r, 29))),
-        })
+        Some(Run { arrived: u64::from_le_bytes(field(r, 1)), source: Source::get(&r[9..9 + SOURCE], r[0]) })
     }
 }
 
@@ -197,7 +171,8 @@ impl Recent {
         }
         // A message that is not plain is listed by its topic alone (for matching).
         let payload = if plain { m.payload } else { &[] };
-        let run = Run { arrived: m.arrived, origin: m.origin, publisher: m.publisher, read_at: m.read_at };
+        let source = Source { origin: m.origin, publisher: m.publisher, read_at: m.read_at };
+        let run = Run { arrived: m.arrived, source };
         let n = MSG_HEAD + m.topic.len() + payload.len();
         // A chunk holds consecutive numbers (routing one message never routes another, but a
         // chunk would not be misread if it did), and starts with a run head of its own.
@@ -299,10 +274,10 @@ impl Recent {
                             topic,
                             payload: &r[MSG_HEAD + topic_len..len],
                             qos,
-                            origin: run.origin,
-                            publisher: run.publisher,
+                            origin: run.source.origin,
+                            publisher: run.source.publisher,
                             stamp: u64::from_le_bytes(field(r, 9)),
-                            read_at: run.read_at,
+                            read_at: run.source.read_at,
                             ..View::default()
                         };
                         Some(view.to_message())
@@ -339,6 +314,7 @@ impl Recent {
 mod tests {
     use super::*;
     use crate::codec::{Properties, QoS};
+    use crate::session::Publisher;
 
     /// Lists a message on `topic` that arrived at `arrived`, sent to `peers`.
     fn list(r: &mut Recent, arrived: u64, topic: &str, peers: &[u16]) {
