@@ -3,7 +3,7 @@
 //! sessions and to the shared groups homed here. QoS 0 is encoded once per protocol family and
 //! copied into each subscriber's output; QoS 1/2 go through each session's flow engine.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -39,17 +39,18 @@ impl View<'_> {
         self.with_topic(MqttStr::from(self.topic))
     }
 
-    /// `to_message`, sharing the topic of the last message kept when it is the same one (a run
-    /// of messages on one topic, as one client's read brings, allocates its topic once), and
-    /// leaving itself in `last`. A lone message allocates what it did: its topic is shared only
-    /// once a second message wants it.
-    pub(super) fn to_message_in(&self, last: &mut Option<Arc<Message>>) -> Arc<Message> {
-        let topic = match last {
+    /// `to_message`, sharing the topic of the last message kept when it is the same one and
+    /// still queued somewhere (a run of messages on one topic, as one client's read brings,
+    /// allocates its topic once), and leaving itself in `last`. `last` is weak: it never keeps a
+    /// delivered message (payload and all) alive. A lone message allocates what it did: its topic
+    /// is shared only once a second message wants it.
+    pub(super) fn to_message_in(&self, last: &mut Weak<Message>) -> Arc<Message> {
+        let topic = match last.upgrade() {
             Some(l) if *l.topic == *self.topic => l.topic.clone(),
             _ => MqttStr::from(self.topic),
         };
         let msg = self.with_topic(topic);
-        *last = Some(msg.clone());
+        *last = Arc::downgrade(&msg);
         msg
     }
 

@@ -151,7 +151,7 @@ struct Scratch {
     groups: Vec<crate::router::GroupId>,
     mail: Vec<(u16, Mail)>,
     /// The last message kept (`View::to_message_in`).
-    kept: Option<Arc<crate::session::Message>>,
+    kept: std::sync::Weak<crate::session::Message>,
     /// Sleeping peers this turn sent mail to.
     due: Vec<usize>,
 }
