@@ -1,6 +1,6 @@
 //! One worker: a single-threaded `mio` event loop that owns its connections, the sessions whose
 //! client ids live here, its router (subscriptions, peers' interest, retained store, shared
-//! groups) and its ends of the rings. The one lock is the worker's own slot (`run`): its thread
+//! groups) and its ends of the rings. The one lock is the worker's own slot (`slot`): its thread
 //! holds it for a turn and lets go while it sleeps; nothing in a turn waits for another lock.
 //!
 //! One loop turn, in this order and nowhere else:
@@ -11,7 +11,7 @@
 //!    retained message routed before they arrived;
 //! 4. fire due timers; flush every connection with output, once; remove closed connections;
 //!    move held mail into rings, and for each peer that got mail while it sleeps, run a turn for
-//!    it (`help`: its state is locked by its thread only while it is awake, so a peer can take
+//!    it (`slot::help`: its state is locked by its thread only while it is awake, so a peer can take
 //!    it while it sleeps), or wake it when that cannot be done.
 //!
 //! Closing a connection detaches it from its session at once but frees its slab slot only in
@@ -32,6 +32,7 @@ mod mail;
 mod mailbox;
 mod persist;
 mod recent;
+mod slot;
 mod stats;
 mod timers;
 mod wire;
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Registry, Token};
 
 use crate::broker::Shared;
 use crate::codec::QoS;
@@ -56,6 +57,7 @@ pub use limits::{Limit, LIMITS};
 pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
 pub use persist::RecoveryPlan;
+pub use slot::run;
 use timers::{Timer, Timers};
 
 pub const WAKER: Token = Token(usize::MAX - 2);
@@ -365,27 +367,6 @@ impl Worker {
         true
     }
 
-    /// Runs one turn for sleeping peer `p` that this turn sent mail to, instead of waking it:
-    /// its thread stays asleep, so the mail costs no wake-up, no context switch and no second
-    /// poll. Returns whether `p` sleeps on with nothing due before it planned to wake; if not
-    /// (its lock is taken, it has work left, or the turn set an earlier deadline), it must be
-    /// woken. A helped turn wakes its own peers rather than helping them.
-    fn help(&mut self, p: usize) -> bool {
-        if self.helping {
-            return false;
-        }
-        let Ok(mut slot) = self.shared.slots[p].try_lock() else { return false };
-        let Some(peer) = slot.as_mut() else { return false };
-        peer.helping = true;
-        peer.turn(&Events::with_capacity(0));
-        peer.helping = false;
-        self.mailbox.helped += 1;
-        let due = peer.clock.ms + peer.sleep_time().as_millis() as u64;
-        let quiet = peer.turn.more_to_read.is_empty() && peer.turn.dirty.is_empty() && due >= peer.wake_at_ms;
-        let mailbox = &peer.mailbox;
-        quiet && self.shared.parking[p].park(|| mailbox.inbox_empty())
-    }
-
     /// Reads a connection, unless a SUBSCRIBE or CONNECT read this turn waits for the turn's
     /// mail: then it is read next turn, so whatever it sends (a PUBLISH for the new subscriber,
     /// say) is handled after the packets that arrived before it, as a single loop would.
@@ -552,55 +533,6 @@ impl Worker {
                     c.wbuf = BytesMut::new();
                 }
             }
-        }
-    }
-}
-
-/// A worker's thread: builds the worker into its slot (`Shared::slots`), then loops: decide how
-/// long to sleep, poll, run the turn. The worker is locked for its turn and unlocked while its
-/// thread sleeps, when a peer may run a turn for it (`Worker::help`).
-pub fn run(
-    id: usize,
-    shared: Arc<Shared>,
-    mut poll: Poll,
-    listeners: Vec<TcpListener>,
-    outbox: Vec<Option<Producer<Mail>>>,
-    inbox: Vec<Option<Consumer<Mail>>>,
-) -> io::Result<()> {
-    let registry = poll.registry().try_clone()?;
-    let slot = &shared.slots[id];
-    // Poisoned: a peer panicked running a turn for this worker, whose state may be half-changed.
-    let lock = || slot.lock().map_err(|_| io::Error::other("a turn run for this worker by a peer panicked"));
-    *lock()? = Some(Box::new(Worker::new(id, shared.clone(), registry, listeners, outbox, inbox)));
-    // Taken out of the slot when the thread ends, however it ends: the worker holds the `Shared`
-    // that holds the slot.
-    struct Vacate<'a>(&'a std::sync::Mutex<Option<Box<Worker>>>);
-    impl Drop for Vacate<'_> {
-        fn drop(&mut self) {
-            let w = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-            drop(w);
-        }
-    }
-    let _vacate = Vacate(slot);
-    lock()?.as_deref_mut().ok_or_else(|| io::Error::other("worker gone"))?.start()?;
-    let mut events = Events::with_capacity(1024);
-    loop {
-        let timeout = match lock()?.as_deref_mut() {
-            Some(w) => w.before_poll(),
-            None => return Ok(()),
-        };
-        let polled = poll.poll(&mut events, Some(timeout));
-        let mut g = lock()?;
-        let Some(w) = g.as_deref_mut() else { return Ok(()) };
-        w.shared.parking[id].unpark();
-        if let Err(e) = polled {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            events.clear();
-        }
-        if !w.turn(&events) {
-            return Ok(());
         }
     }
 }
