@@ -64,6 +64,8 @@ pub struct Shared {
     /// Each worker, locked by its thread for a turn and free while it sleeps, when a peer with
     /// mail for it may run a turn for it instead of waking it (`worker::run`).
     pub slots: Vec<std::sync::Mutex<Option<Box<crate::worker::Worker>>>>,
+    /// Which workers worker 0's thread serves while the load is light (`worker::host`).
+    pub hosting: crate::worker::Hosting,
     pub stats: Vec<WorkerStats>,
     /// Every `[[bridge]]`: its configuration, TLS client configuration and live figures.
     pub bridges: Vec<crate::worker::BridgeShared>,
@@ -251,6 +253,10 @@ impl Broker {
             wakers,
             parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),
             slots: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
+            hosting: crate::worker::Hosting::new(
+                config.host_idle_workers,
+                polls.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+            ),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             latency: (0..n).map(|_| Default::default()).collect(),
             bridges,
@@ -403,5 +409,6 @@ impl Stopper {
         for w in &self.0.wakers {
             let _ = w.wake();
         }
+        self.0.hosting.wake_all();
     }
 }

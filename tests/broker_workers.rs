@@ -430,3 +430,185 @@ fn a_huge_subscribe_over_a_large_retained_store_does_not_stall_the_worker() {
     );
     b.shutdown();
 }
+
+/// Reads `$SYS` updates of one counter (already subscribed) until `done` holds.
+fn wait_for_sys(sys: &mut Client, what: &str, done: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let m = sys.recv_publish();
+        let n: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+        if done(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {n}");
+    }
+}
+
+/// While the load is light, worker 0's thread serves the workers whose threads are idle
+/// (`$SYS/broker/internal/hosted_workers`). They keep their clients, sessions and rings: messages
+/// between clients homed on different workers still arrive, each publisher's in order
+/// [MQTT-4.6.0-6], QoS 1 and 2 alike.
+#[test]
+fn idle_workers_are_served_by_one_thread_and_still_deliver_across_workers_in_order() {
+    let b = start(4);
+    let addr = b.local_addr();
+    let (mut sys, _) = Client::connect(addr, "hosted-sys", true);
+    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
+    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    // Twelve pairs over four workers: most publishers and subscribers live on different ones.
+    let mut pairs: Vec<(Client, Client)> = (0..12)
+        .map(|i| {
+            let (mut sub, _) = Client::connect(addr, &format!("hosted-sub-{i}"), true);
+            let qos = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+            sub.subscribe(&format!("hosted/{i}"), qos);
+            (Client::connect(addr, &format!("hosted-pub-{i}"), true).0, sub)
+        })
+        .collect();
+    for n in 0..20 {
+        for (i, (publisher, _)) in pairs.iter_mut().enumerate() {
+            let qos = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+            publisher.publish(&format!("hosted/{i}"), format!("m{n}"), qos, false);
+        }
+    }
+    for (i, (_, sub)) in pairs.iter_mut().enumerate() {
+        for n in 0..20 {
+            let m = sub.recv_publish();
+            assert_eq!(&m.payload[..], format!("m{n}").as_bytes(), "pair {i}: out of order or lost");
+            sub.ack(&m);
+        }
+    }
+}
+
+/// A broker whose idle workers are served by worker 0's thread shuts down as any other: each
+/// worker's own thread takes it back to shut it down; every 5.0 client gets DISCONNECT 0x8B
+/// [MQTT-3.14.2-1] and its will once, and the process exits 0.
+#[test]
+fn shutdown_while_workers_are_hosted_exits_cleanly() {
+    let conf = std::env::temp_dir().join(format!("tern-hosted-{}.toml", std::process::id()));
+    std::fs::write(&conf, "port = 0\nworkers = 4\npin_workers = false\nsys_interval = 1\n").unwrap();
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["-c", conf.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tern starts");
+    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = loop {
+        let line = lines.next().expect("tern logs its address").unwrap();
+        if let Some(rest) = line.split(" listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let log_reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let (mut watcher, _) = Client::connect(addr, "hosted-watcher", true);
+    watcher.subscribe("will/#", QoS::AtLeastOnce);
+    let clients: Vec<_> = (0..16).map(|i| storm_connect(addr, &format!("h{i}"), 0).expect("accepted")).collect();
+    let (mut sys, _) = Client::connect(addr, "hosted-sys", true);
+    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
+    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    Command::new("kill").args(["-TERM", &broker.id().to_string()]).status().unwrap();
+    let mut wills: HashMap<Vec<u8>, usize> = HashMap::new();
+    for p in watcher.expect_closed() {
+        if let Packet::Publish(m) = p {
+            *wills.entry(m.payload.to_vec()).or_default() += 1;
+        }
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(s) = broker.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tern did not exit after SIGTERM with hosted workers");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = log_reader.join().unwrap();
+    let _ = std::fs::remove_file(&conf);
+    assert!(status.success(), "exit {status:?}\n{}", log.join("\n"));
+    assert!(!log.iter().any(|l| l.contains("panicked") || l.contains("died")), "{}", log.join("\n"));
+    for (s, buf) in clients {
+        assert_eq!(read_to_end(s, buf).disconnect, Some(ReasonCode::SERVER_SHUTTING_DOWN));
+    }
+    assert_eq!(wills.len(), 16, "every client's will: {wills:?}");
+    assert!(wills.values().all(|&n| n == 1), "a will published twice: {wills:?}");
+}
+
+/// When the load rises, the host gives the workers back to their threads
+/// (`$SYS/broker/internal/given_back`), and nothing acknowledged is lost on the way.
+#[test]
+fn a_busy_host_gives_workers_back_and_loses_nothing_acknowledged() {
+    let b = start(4);
+    let addr = b.local_addr();
+    let (mut sys, _) = Client::connect(addr, "busy-sys", true);
+    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
+    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    sys.subscribe("$SYS/broker/internal/given_back", QoS::AtMostOnce);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Four pairs flood QoS 0 messages (the broker's host gets busy) while one pair exchanges
+    // QoS 1 messages, each acknowledged to its publisher and awaited by its subscriber.
+    let floods: Vec<_> = (0..4)
+        .map(|i| {
+            let stopped = stop.clone();
+            let (mut sub, _) = Client::connect(addr, &format!("flood-sub-{i}"), true);
+            sub.subscribe(&format!("flood/{i}"), QoS::AtMostOnce);
+            let (mut publisher, _) = Client::connect(addr, &format!("flood-pub-{i}"), true);
+            let reader = std::thread::spawn(move || {
+                let mut chunk = vec![0u8; 1 << 16];
+                sub.stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                loop {
+                    match sub.stream.read(&mut chunk) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(_) if !stopped.load(std::sync::atomic::Ordering::Relaxed) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            let stop = stop.clone();
+            let writer = std::thread::spawn(move || {
+                let mut burst = BytesMut::new();
+                for _ in 0..200 {
+                    Packet::Publish(Publish::new(
+                        format!("flood/{i}").as_str(),
+                        QoS::AtMostOnce,
+                        Bytes::from_static(&[7; 64]),
+                    ))
+                    .encode(ProtocolVersion::V311, &mut burst);
+                }
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if publisher.send_raw(&burst).is_err() {
+                        return;
+                    }
+                }
+            });
+            (reader, writer)
+        })
+        .collect();
+    let (mut sub, _) = Client::connect(addr, "busy-q1-sub", true);
+    sub.subscribe("busy/q1", QoS::AtLeastOnce);
+    let (mut publisher, _) = Client::connect(addr, "busy-q1-pub", true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        // Each publish returns once PUBACK is in: the message was acknowledged.
+        publisher.publish("busy/q1", format!("m{n}"), QoS::AtLeastOnce, false);
+        let m = sub.recv_publish();
+        assert_eq!(&m.payload[..], format!("m{n}").as_bytes());
+        sub.ack(&m);
+        n += 1;
+        let mut given_back = 0;
+        while let Some(Packet::Publish(m)) = sys.try_recv(Duration::from_millis(1)) {
+            if &m.topic[..] == "$SYS/broker/internal/given_back" {
+                given_back = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+            }
+        }
+        if given_back > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the host never gave a worker back under load");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (reader, writer) in floods {
+        writer.join().unwrap();
+        reader.join().unwrap();
+    }
+}

@@ -26,6 +26,9 @@ pub struct Config {
     /// With more than one worker: a SUBSCRIBE is ordered with other clients' PUBLISHes by when
     /// they reached the host (kernel arrival stamps), as one event loop would order them.
     pub arrival_order: bool,
+    /// With more than one worker: while the load is light, worker 0's thread serves the workers
+    /// whose threads are mostly idle, so fewer threads sleep and wake (`worker::host`).
+    pub host_idle_workers: bool,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
     /// Log to this file (appended) instead of standard error.
@@ -392,6 +395,7 @@ impl Default for Config {
             workers: 0,
             pin_workers: true,
             arrival_order: true,
+            host_idle_workers: true,
             log_level: "info".into(),
             log_file: None,
             pid_file: None,

@@ -94,6 +94,18 @@ pub fn render(shared: &Shared) -> String {
             let _ = writeln!(o.0, "{name}{{worker=\"{w}\"}} {}", f(s).load(Ordering::Relaxed));
         }
     }
+    o.one(
+        "tern_hosted_workers",
+        "gauge",
+        "Workers served by worker 0's thread while the load is light.",
+        shared.hosting.hosted_count() as u64,
+    );
+    o.one(
+        "tern_worker_handovers_total",
+        "counter",
+        "Workers handed to worker 0's thread.",
+        shared.hosting.handed_over.load(Ordering::Relaxed),
+    );
     o.one("tern_resident_memory_bytes", "gauge", "Resident set size.", crate::sys::rss_bytes());
     o.one("tern_heap_allocated_bytes", "gauge", "Heap bytes allocated.", crate::alloc::allocated());
     if let Some(st) = &shared.store {

@@ -25,6 +25,7 @@ mod conn;
 mod connect;
 mod deliver;
 mod flow;
+mod host;
 mod inbound;
 mod limits;
 mod linger;
@@ -53,6 +54,7 @@ use crate::router::Router;
 use crate::session::{SessionKey, Sessions, Subscription};
 pub use bridge::BridgeShared;
 use conn::{CloseKind, Conn, ConnKey, Conns, Transport};
+pub use host::Hosting;
 pub use limits::{Limit, LIMITS};
 pub use mailbox::Mail;
 use mailbox::{Mailbox, Pending};
@@ -214,6 +216,8 @@ pub struct Worker {
     helping: bool,
     /// When the worker, going to sleep, planned to wake (its clock's milliseconds).
     wake_at_ms: u64,
+    /// While the host's thread serves this worker (`host`): its own thread's `Poll`.
+    hosted_poll: Option<mio::Poll>,
     /// One socket per listener (`Shared::listeners` order), shared with the other workers
     /// through SO_REUSEPORT.
     listeners: Vec<TcpListener>,
@@ -268,6 +272,7 @@ impl Worker {
             registry,
             helping: false,
             wake_at_ms: 0,
+            hosted_poll: None,
             listeners,
             conns: Conns::with_capacity(per_worker),
             sessions: Sessions::with_capacity(per_worker),
@@ -321,8 +326,8 @@ impl Worker {
     }
 
     /// Steps 2-4 of the turn, for what the poll returned. Returns false once the worker has
-    /// shut down. A turn run by a helping peer (`helping`) has no events and leaves shutting down
-    /// to the worker's own thread.
+    /// shut down. A turn run by a helping peer (`helping`, no events) or by the host
+    /// (`hosted_poll`) leaves shutting down to the worker's own thread.
     fn turn(&mut self, events: &Events) -> bool {
         self.clock.update();
         // Mail first: a peer's new interest that arrived with this wake-up applies to the
@@ -331,6 +336,7 @@ impl Worker {
         for ev in events.iter() {
             match ev.token() {
                 WAKER => {}
+                t if host::hosted_index(t).is_some() => {}
                 t if listener_index(t).is_some() => self.accept(LISTENERS - t.0),
                 t if linger::Lingering::is_token(t) => self.lingering.ready(&self.registry, t),
                 Token(k) => {
@@ -357,7 +363,7 @@ impl Worker {
         self.take_mail();
         self.take_verdicts();
         self.run_deferred();
-        if !self.helping && self.shared.shutdown.load(Ordering::Relaxed) {
+        if !self.helping && self.hosted_poll.is_none() && self.shared.shutdown.load(Ordering::Relaxed) {
             self.shutdown();
             self.flush_store();
             return false;

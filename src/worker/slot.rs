@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use mio::net::TcpListener;
 use mio::{Events, Poll};
 
-use super::{Mail, Worker};
+use super::{host, Mail, Worker};
 use crate::broker::Shared;
 use crate::ring::{Consumer, Producer};
 
@@ -64,23 +64,43 @@ pub fn run(
     let _vacate = Vacate(slot);
     lock()?.as_deref_mut().ok_or_else(|| io::Error::other("worker gone"))?.start()?;
     let mut events = Events::with_capacity(1024);
+    let hosting = shared.hosting.on;
+    let mut host = (hosting && id == host::HOST).then(|| host::Host::new(shared.workers));
+    let mut load = host::Load::new();
+    let mut backoff = host::Backoff::new();
     loop {
-        let timeout = match lock()?.as_deref_mut() {
-            Some(w) => w.before_poll(),
+        let (timeout, slept_from) = match lock()?.as_deref_mut() {
+            Some(w) => (w.before_poll(), w.clock.now),
             None => return Ok(()),
         };
+        let timeout = match host.as_mut() {
+            Some(h) => h.before_poll(&shared, slept_from, timeout),
+            None => timeout,
+        };
         let polled = poll.poll(&mut events, Some(timeout));
-        let mut g = lock()?;
-        let Some(w) = g.as_deref_mut() else { return Ok(()) };
-        w.shared.parking[id].unpark();
-        if let Err(e) = polled {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+        let woke = {
+            let mut g = lock()?;
+            let Some(w) = g.as_deref_mut() else { return Ok(()) };
+            w.shared.parking[id].unpark();
+            if let Err(e) = polled {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                events.clear();
             }
-            events.clear();
+            if !w.turn(&events) {
+                return Ok(());
+            }
+            w.clock.now
+        };
+        if let Some(h) = host.as_mut() {
+            h.turns(&shared, &events, woke);
         }
-        if !w.turn(&events) {
-            return Ok(());
+        if hosting && host::after_turn(id, &shared, &mut load, host.as_mut(), slept_from, woke) && backoff.allows(woke)
+        {
+            poll = host::hosted(id, &shared, poll)?;
+            backoff.given_back(woke);
+            load = host::Load::new();
         }
     }
 }

@@ -115,6 +115,9 @@ impl Worker {
             ("$SYS/broker/internal/wakeups", sum(|s| &s.wakeups).to_string()),
             ("$SYS/broker/internal/helped_turns", sum(|s| &s.helped_turns).to_string()),
             ("$SYS/broker/internal/interest_filters", sum(|s| &s.interest_filters).to_string()),
+            ("$SYS/broker/internal/hosted_workers", self.shared.hosting.hosted_count().to_string()),
+            ("$SYS/broker/internal/handed_over", self.shared.hosting.handed_over.load(Ordering::Relaxed).to_string()),
+            ("$SYS/broker/internal/given_back", self.shared.hosting.given_back.load(Ordering::Relaxed).to_string()),
         ];
         let loads = self.sys.load.update(received, sent, connected);
         let mut values: Vec<(String, String)> = values.into_iter().map(|(t, v)| (t.to_string(), v)).collect();
