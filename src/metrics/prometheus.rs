@@ -101,7 +101,7 @@ pub fn render(shared: &Shared) -> String {
         shared.hosting.hosted_count() as u64,
     );
     o.one(
-        "tern_worker_handovers_total",
+        "tern_handovers_total",
         "counter",
         "Workers handed to worker 0's thread.",
         shared.hosting.handed_over.load(Ordering::Relaxed),
