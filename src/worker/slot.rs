@@ -1,7 +1,8 @@
 //! A worker's slot: where its state lives between its thread and its peers. The thread locks it
 //! for a turn and leaves it free while it sleeps in `poll` (`run`); a peer with mail for the
 //! sleeping worker may take it meanwhile and run one turn for it instead of waking it (`help`).
-//! One thread at a time, never two; nothing waits for the lock but the worker's own thread.
+//! One thread at a time, never two; nothing waits for the lock but the worker's own thread and,
+//! while the worker is hosted, the thread that hosts it (`host`).
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -38,7 +39,9 @@ impl Worker {
 
 /// A worker's thread: builds the worker into its slot (`Shared::slots`), then loops: decide how
 /// long to sleep, poll, run the turn. The worker is locked for its turn and unlocked while its
-/// thread sleeps, when a peer may run a turn for it (`Worker::help`).
+/// thread sleeps, when a peer may run a turn for it (`Worker::help`). Worker 0's thread also
+/// runs the turns of the workers it hosts and sleeps no longer than their deadlines; another
+/// thread, idle enough, hands its worker to it and waits until it gets it back (`host`).
 pub fn run(
     id: usize,
     shared: Arc<Shared>,
