@@ -302,14 +302,7 @@ fn sigterm_publishes_wills_and_exits_cleanly() {
     assert!(status.success());
     let m = watcher.recv_publish();
     assert_eq!(m.topic, "will/leaver");
-    let deadline = Instant::now() + DEADLINE;
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "tern exits after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let code = wait_exit(&mut child, "tern exits after SIGTERM");
     assert!(code.success(), "exit 0 after SIGTERM, got {code:?}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -23,13 +23,7 @@ fn a_trickle_across_workers_is_delivered_by_helped_turns() {
     let b = start(2);
     let addr = b.local_addr();
     // Eight pairs: with two workers some publisher and its subscriber live on different ones.
-    let mut pairs: Vec<(Client, Client)> = (0..8)
-        .map(|i| {
-            let (mut sub, _) = Client::connect(addr, &format!("trickle-sub-{i}"), true);
-            assert_eq!(sub.subscribe(&format!("trickle/{i}"), QoS::AtLeastOnce), ReasonCode::GRANTED_QOS_1);
-            (Client::connect(addr, &format!("trickle-pub-{i}"), true).0, sub)
-        })
-        .collect();
+    let mut pairs = connect_pairs(addr, "trickle", 8, |_| QoS::AtLeastOnce);
     // One message at a time, each awaited: the broker is idle, its workers asleep, between them.
     for n in 0..20 {
         for (i, (publisher, sub)) in pairs.iter_mut().enumerate() {
@@ -42,15 +36,7 @@ fn a_trickle_across_workers_is_delivered_by_helped_turns() {
     }
     let (mut sys, _) = Client::connect(addr, "trickle-sys", true);
     sys.subscribe("$SYS/broker/internal/helped_turns", QoS::AtMostOnce);
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let m = sys.recv_publish();
-        let helped: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
-        if helped > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no turn was run for a sleeping peer");
-    }
+    wait_for_sys(&mut sys, "turns run for a sleeping peer", |n| n > 0);
 }
 
 /// Spec 3.8.4: once a client has its SUBACK, messages published to a matching
@@ -287,6 +273,27 @@ fn read_to_end(mut s: TcpStream, mut buf: BytesMut) -> Seen {
     }
 }
 
+/// The real binary with `args`, logging at info: the child, its address (read from its log) and
+/// the rest of its log.
+fn spawn_logged(
+    args: &[&str],
+) -> (std::process::Child, SocketAddr, std::io::Lines<BufReader<std::process::ChildStderr>>) {
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tern starts");
+    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = loop {
+        let line = lines.next().expect("tern logs its address").unwrap();
+        if let Some(rest) = line.split(" listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    (broker, addr, lines)
+}
+
 /// 64 client ids connected, 1,000 takeover CONNECTs from four threads, SIGTERM in the middle of
 /// them, 4 workers; 50 times. The real binary must exit 0 without a panic, every accepted 5.0
 /// connection must get a DISCONNECT (0x8E taken over or 0x8B shutting down), and no will may be
@@ -294,19 +301,7 @@ fn read_to_end(mut s: TcpStream, mut buf: BytesMut) -> Seen {
 #[test]
 fn shutdown_in_a_takeover_storm_exits_cleanly_50_times() {
     for run in 0..50 {
-        let mut broker = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["-p", "0", "--workers", "4"])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tern starts");
-        let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
-        let addr: SocketAddr = loop {
-            let line = lines.next().expect("tern logs its address").unwrap();
-            if let Some(rest) = line.split(" listening on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
+        let (mut broker, addr, lines) = spawn_logged(&["-p", "0", "--workers", "4"]);
         let log = Arc::new(Mutex::new(Vec::new()));
         let log_reader = {
             let log = log.clone();
@@ -431,6 +426,27 @@ fn a_huge_subscribe_over_a_large_retained_store_does_not_stall_the_worker() {
     b.shutdown();
 }
 
+/// `n` pairs of clients: publisher `{name}-pub-{i}` and subscriber `{name}-sub-{i}` to topic
+/// `{name}/{i}` at `qos(i)` (granted as asked).
+fn connect_pairs(addr: SocketAddr, name: &str, n: usize, qos: impl Fn(usize) -> QoS) -> Vec<(Client, Client)> {
+    (0..n)
+        .map(|i| {
+            let (mut sub, _) = Client::connect(addr, &format!("{name}-sub-{i}"), true);
+            assert_eq!(sub.subscribe(&format!("{name}/{i}"), qos(i)).0, qos(i) as u8);
+            (Client::connect(addr, &format!("{name}-pub-{i}"), true).0, sub)
+        })
+        .collect()
+}
+
+/// Once the broker at `addr` (4 workers, idle) has handed three workers to worker 0's thread: a
+/// client subscribed to `$SYS/broker/internal/hosted_workers`.
+fn wait_hosted(addr: SocketAddr, id: &str) -> Client {
+    let (mut sys, _) = Client::connect(addr, id, true);
+    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
+    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    sys
+}
+
 /// Reads `$SYS` updates of one counter (already subscribed) until `done` holds.
 fn wait_for_sys(sys: &mut Client, what: &str, done: impl Fn(u64) -> bool) {
     let deadline = Instant::now() + DEADLINE;
@@ -452,22 +468,13 @@ fn wait_for_sys(sys: &mut Client, what: &str, done: impl Fn(u64) -> bool) {
 fn idle_workers_are_served_by_one_thread_and_still_deliver_across_workers_in_order() {
     let b = start(4);
     let addr = b.local_addr();
-    let (mut sys, _) = Client::connect(addr, "hosted-sys", true);
-    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
-    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    let _sys = wait_hosted(addr, "hosted-sys");
     // Twelve pairs over four workers: most publishers and subscribers live on different ones.
-    let mut pairs: Vec<(Client, Client)> = (0..12)
-        .map(|i| {
-            let (mut sub, _) = Client::connect(addr, &format!("hosted-sub-{i}"), true);
-            let qos = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
-            sub.subscribe(&format!("hosted/{i}"), qos);
-            (Client::connect(addr, &format!("hosted-pub-{i}"), true).0, sub)
-        })
-        .collect();
+    let qos = |i: usize| if i.is_multiple_of(2) { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+    let mut pairs = connect_pairs(addr, "hosted", 12, qos);
     for n in 0..20 {
         for (i, (publisher, _)) in pairs.iter_mut().enumerate() {
-            let qos = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
-            publisher.publish(&format!("hosted/{i}"), format!("m{n}"), qos, false);
+            publisher.publish(&format!("hosted/{i}"), format!("m{n}"), qos(i), false);
         }
     }
     for (i, (_, sub)) in pairs.iter_mut().enumerate() {
@@ -486,26 +493,12 @@ fn idle_workers_are_served_by_one_thread_and_still_deliver_across_workers_in_ord
 fn shutdown_while_workers_are_hosted_exits_cleanly() {
     let conf = std::env::temp_dir().join(format!("tern-hosted-{}.toml", std::process::id()));
     std::fs::write(&conf, "port = 0\nworkers = 4\npin_workers = false\nsys_interval = 1\n").unwrap();
-    let mut broker = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["-c", conf.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tern starts");
-    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
-    let addr: SocketAddr = loop {
-        let line = lines.next().expect("tern logs its address").unwrap();
-        if let Some(rest) = line.split(" listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let (mut broker, addr, lines) = spawn_logged(&["-c", conf.to_str().unwrap()]);
     let log_reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
     let (mut watcher, _) = Client::connect(addr, "hosted-watcher", true);
     watcher.subscribe("will/#", QoS::AtLeastOnce);
     let clients: Vec<_> = (0..16).map(|i| storm_connect(addr, &format!("h{i}"), 0).expect("accepted")).collect();
-    let (mut sys, _) = Client::connect(addr, "hosted-sys", true);
-    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
-    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    let _sys = wait_hosted(addr, "hosted-sys");
     Command::new("kill").args(["-TERM", &broker.id().to_string()]).status().unwrap();
     let mut wills: HashMap<Vec<u8>, usize> = HashMap::new();
     for p in watcher.expect_closed() {
@@ -513,14 +506,7 @@ fn shutdown_while_workers_are_hosted_exits_cleanly() {
             *wills.entry(m.payload.to_vec()).or_default() += 1;
         }
     }
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(s) = broker.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "tern did not exit after SIGTERM with hosted workers");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut broker, "tern did not exit after SIGTERM with hosted workers");
     let log = log_reader.join().unwrap();
     let _ = std::fs::remove_file(&conf);
     assert!(status.success(), "exit {status:?}\n{}", log.join("\n"));
@@ -538,9 +524,7 @@ fn shutdown_while_workers_are_hosted_exits_cleanly() {
 fn a_busy_host_gives_workers_back_and_loses_nothing_acknowledged() {
     let b = start(4);
     let addr = b.local_addr();
-    let (mut sys, _) = Client::connect(addr, "busy-sys", true);
-    sys.subscribe("$SYS/broker/internal/hosted_workers", QoS::AtMostOnce);
-    wait_for_sys(&mut sys, "workers hosted while idle", |n| n == 3);
+    let mut sys = wait_hosted(addr, "busy-sys");
     sys.subscribe("$SYS/broker/internal/given_back", QoS::AtMostOnce);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Four pairs flood QoS 0 messages (the broker's host gets busy) while one pair exchanges

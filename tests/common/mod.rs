@@ -304,6 +304,19 @@ pub fn wait_listening(port: u16) {
     }
 }
 
+/// Until `child` exits (it was told to): its exit status.
+#[allow(dead_code)]
+pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < end, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process killed when dropped.
 #[allow(dead_code)]
 pub struct Proc(pub Child);
