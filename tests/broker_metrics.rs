@@ -133,6 +133,17 @@ fn metrics_count_the_traffic_sent_and_parse_as_prometheus_text() {
     }
 }
 
+/// An idle broker with 4 workers has three of them served by worker 0's thread (`worker::host`),
+/// and says so in `/metrics` as in `$SYS`.
+#[test]
+fn idle_workers_show_as_hosted_in_the_metrics() {
+    let (b, _, web) = with_http(4);
+    let s = scrape_until(web, "three hosted workers", |s| get(s, "tern_hosted_workers", &[]) == 3.0);
+    assert!(get(&s, "tern_handovers_total", &[]) >= 3.0);
+    assert!(s.samples.iter().any(|x| x.metric == "tern_givebacks_total"));
+    b.shutdown();
+}
+
 #[test]
 fn the_http_listener_refuses_what_it_does_not_serve() {
     let (b, _, web) = with_http(1);

@@ -106,6 +106,12 @@ pub fn render(shared: &Shared) -> String {
         "Workers handed to worker 0's thread.",
         shared.hosting.handed_over.load(Ordering::Relaxed),
     );
+    o.one(
+        "tern_givebacks_total",
+        "counter",
+        "Workers given back to their own threads by worker 0's.",
+        shared.hosting.given_back.load(Ordering::Relaxed),
+    );
     o.one("tern_resident_memory_bytes", "gauge", "Resident set size.", crate::sys::rss_bytes());
     o.one("tern_heap_allocated_bytes", "gauge", "Heap bytes allocated.", crate::alloc::allocated());
     if let Some(st) = &shared.store {

@@ -158,11 +158,7 @@ pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
         return None;
     }
     let flags = b[4];
-    let qos = match flags & 3 {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    };
+    let qos = QoS::from_u8(flags & 3)?;
     let seq = u32::from_le_bytes(field(b, 5));
     let stamp = u64::from_le_bytes(field(b, 9));
     let Source { origin, publisher, read_at } = Source::get(&b[17..17 + SOURCE], flags);

@@ -94,6 +94,12 @@ pub(super) fn view(m: &Message) -> View<'_> {
     }
 }
 
+/// The one shared copy of `m` for everything that keeps it (a peer, the retained store, a queue),
+/// made the first time one does (`View::to_message_in`, `last`: the worker's last kept message).
+fn kept(shared: &mut Option<Arc<Message>>, m: &View<'_>, last: &mut Weak<Message>) -> Arc<Message> {
+    shared.get_or_insert_with(|| m.to_message_in(last)).clone()
+}
+
 impl Worker {
     /// Routes a message that already is shared (a will, `$SYS`).
     pub(super) fn route(&mut self, msg: Arc<Message>) {
@@ -111,7 +117,7 @@ impl Worker {
         let mut keep = false;
         if m.retain {
             peers.extend(self.mailbox.peers().map(|p| p as u16));
-            let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
+            let msg = kept(&mut shared, m, &mut self.scratch.kept);
             keep = self.room_to_retain(&msg);
             self.store_retained(&msg, keep);
             self.persist_retained(&msg, keep);
@@ -132,7 +138,7 @@ impl Worker {
             if plain {
                 self.mailbox.publish(p as usize, m, seq);
             } else {
-                let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
+                let msg = kept(&mut shared, m, &mut self.scratch.kept);
                 self.mailbox.send(p as usize, Mail::Publish { msg, keep, seq });
             }
         }
@@ -227,13 +233,13 @@ impl Worker {
             // [MQTT-3.3.1-9]: forwarded with retain cleared, unless 5.0 retain-as-published.
             let retain = m.retain && o.retain_as_published;
             if qos != QoS::AtMostOnce {
-                let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
+                let msg = kept(shared, m, &mut self.scratch.kept);
                 self.offer(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 }, true);
                 continue;
             }
             let Some(ck) = s.conn else { continue }; // QoS 0 is not kept for offline sessions
             if s.backlog.is_some() {
-                let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
+                let msg = kept(shared, m, &mut self.scratch.kept);
                 self.behind_backlog(sk, Delivery { msg, qos, retain, sub_ids: ids.clone(), group: None, seq: 0 });
                 continue;
             }
@@ -286,7 +292,7 @@ impl Worker {
         groups.clear();
         self.router.groups_matching(m.topic, &mut groups);
         for &g in &groups {
-            let msg = shared.get_or_insert_with(|| m.to_message_in(&mut self.scratch.kept)).clone();
+            let msg = kept(shared, m, &mut self.scratch.kept);
             self.deliver_to_group(g, msg);
         }
         let any = !groups.is_empty();

@@ -456,7 +456,7 @@ impl Worker {
                     let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
                     let over_limit = total > self.shared.config.max_connections;
                     let k = self.conns.next_key();
-                    if let Err(e) = &self.registry.register(transport.source(), Token(k.0), Interest::READABLE) {
+                    if let Err(e) = self.registry.register(transport.source(), Token(k.0), Interest::READABLE) {
                         log::warn!("cannot register connection from {peer}: {e}");
                         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                         continue;

@@ -262,14 +262,10 @@ impl Recent {
                 if len > r.len() {
                     break;
                 }
+                let Some(qos) = QoS::from_u8(r[0] & 3) else { break };
                 let topic = std::str::from_utf8(&r[MSG_HEAD..MSG_HEAD + topic_len]).ok();
                 if let Some((topic, t)) = topic.filter(|_| run.arrived > since).and_then(|tp| Some((tp, wanted(tp)?))) {
                     let msg = if r[0] & SHARED == 0 {
-                        let qos = match r[0] & 3 {
-                            0 => QoS::AtMostOnce,
-                            1 => QoS::AtLeastOnce,
-                            _ => QoS::ExactlyOnce,
-                        };
                         let view = View {
                             topic,
                             payload: &r[MSG_HEAD + topic_len..len],
