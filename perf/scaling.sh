@@ -38,9 +38,10 @@ SCENARIOS=(
 )
 
 
-# Prints "ring_pushes trie_walks wakeups helped_turns dropped handed_over" as the broker last
-# published them (retained $SYS); dropped: messages the broker shed (QoS 0 under overload,
-# limits); handed_over: workers handed to worker 0's thread while the load was light.
+# Prints "ring_pushes trie_walks wakeups helped_turns dropped handed_over crossed" as the broker
+# last published them (retained $SYS); dropped: messages the broker shed (QoS 0 under overload,
+# limits); handed_over: workers handed to worker 0's thread while the load was light; crossed:
+# messages routed to another worker.
 counters() {
     # $SYS goes out once a second: wait for the update after the run. --retained-only prints every
     # retained internal/ topic, however many there are, and exits at the next live update.
@@ -48,8 +49,8 @@ counters() {
     { timeout 10 mosquitto_sub -p "$PORT" --retained-only -W 4 -t '$SYS/broker/internal/+' \
         -t '$SYS/broker/publish/messages/dropped' -v 2>/dev/null || true; } |
         awk '/ring_pushes/ {p=$2} /trie_walks/ {t=$2} /wakeups/ {w=$2} /helped_turns/ {h=$2} /messages\/dropped/ {d=$2}
-             /handed_over/ {o=$2}
-             END {printf "%s %s %s %s %s %s\n", p+0, t+0, w+0, h+0, d+0, o+0}'
+             /handed_over/ {o=$2} /crossed/ {c=$2}
+             END {printf "%s %s %s %s %s %s %s\n", p+0, t+0, w+0, h+0, d+0, o+0, c+0}'
 }
 
 for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
@@ -66,27 +67,30 @@ for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
                 [ "$mode" = fixed ] && extra="--rate $rate"
                 line=$(mktemp -p "$WORK")
                 # shellcheck disable=SC2086
-                if timeout 120 taskset -c "$LOAD_CPU" "$LT" run $args $extra --port "$PORT" --duration "$DURATION" \
+                # The same client ids in run k of every worker count (and of every build): sessions
+                # are placed by client id, so how many messages cross workers is alike between the
+                # rows compared, and varies from run to run as it does between deployments.
+                if timeout 120 taskset -c "$LOAD_CPU" "$LT" run $args $extra --id-prefix "run$rep" --port "$PORT" --duration "$DURATION" \
                     --drain 3 --broker-pid "$BPID" --label "tern-$w" --json "$line" >/dev/null; then :; else
                     echo "   (run reported loss or failed)"
                 fi
                 after=$(counters)
                 stop_broker
                 [ -s "$line" ] || continue
-                read -r p0 t0 k0 h0 d0 o0 <<<"$before"
-                read -r p1 t1 k1 h1 d1 o1 <<<"$after"
+                read -r p0 t0 k0 h0 d0 o0 c0 <<<"$before"
+                read -r p1 t1 k1 h1 d1 o1 c1 <<<"$after"
                 pushes=$((p1 - p0)) walks=$((t1 - t0)) wakeups=$((k1 - k0)) helped=$((h1 - h0)) shed=$((d1 - d0))
-                handovers=$((o1 - o0))
+                handovers=$((o1 - o0)) crossed=$((c1 - c0))
                 if [ "$t1" = 0 ]; then
                     # $SYS was not read after the run (every run walks the trie): no counters.
                     echo "   (counters not read)"
-                    pushes=null walks=null wakeups=null helped=null shed=null handovers=null
+                    pushes=null walks=null wakeups=null helped=null shed=null handovers=null crossed=null
                 fi
                 jq -c --arg name "$name" --arg mode "$mode" --argjson w "$w" \
                     --argjson pushes "$pushes" --argjson walks "$walks" --argjson wakeups "$wakeups" --argjson helped "$helped" \
-                    --argjson shed "$shed" --argjson handovers "$handovers" \
+                    --argjson shed "$shed" --argjson handovers "$handovers" --argjson crossed "$crossed" \
                     '. + {name: $name, mode: $mode, workers: $w, ring_pushes: $pushes, trie_walks: $walks, wakeups: $wakeups,
-                          helped_turns: $helped, shed: $shed, handovers: $handovers}' \
+                          helped_turns: $helped, shed: $shed, handovers: $handovers, crossed: $crossed}' \
                     "$line" >> "$RESULTS"
             done
         done
@@ -120,11 +124,12 @@ lines.append("")
 lines.append(f"Made by `perf/scaling.sh` (REPS={reps}, DURATION={duration} s) on {datetime.date.today()}, tern {commit}, "
              f"2 CPUs, {placement}, load generator on CPU 1, 64-byte payloads. Medians over the runs. "
              "`x1` is CPU per message relative to 1 worker in the same scenario and mode; "
-             "lost is each run's figure; handovers: workers handed to worker 0's thread in the run "
+             "lost is each run's figure; crossed: messages routed to another worker, per delivered message "
+             "(run k of every row used the same client ids, `--id-prefix runk`, so the same sessions share a worker); handovers: workers handed to worker 0's thread in the run "
              "(including the quiet seconds around it), median.")
 lines.append("")
-lines.append("| scenario | mode | workers | delivered/s | lost | CPU-s per M delivered | x1 | ring pushes/msg | trie walks/msg | wake-ups/msg | helped turns/msg | handovers |")
-lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+lines.append("| scenario | mode | workers | delivered/s | lost | CPU-s per M delivered | x1 | crossed/msg | ring pushes/msg | trie walks/msg | wake-ups/msg | helped turns/msg | handovers |")
+lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 base = {}
 for key in sorted(rows, key=lambda k: (k[0], k[1], k[2])):
     rs = rows[key]
@@ -135,7 +140,7 @@ for key in sorted(rows, key=lambda k: (k[0], k[1], k[2])):
         base[key[:2]] = cpu
     ratio = cpu / base[key[:2]] if base.get(key[:2]) else float("nan")
     lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {med([r['throughput'] for r in rs]):,.0f} | {lost(rs)} "
-                 f"| {cpu:.3f} | {ratio:.2f} | {per('ring_pushes'):.3f} | {per('trie_walks'):.3f} | {per('wakeups'):.4f} | {per('helped_turns'):.4f} "
+                 f"| {cpu:.3f} | {ratio:.2f} | {per('crossed'):.3f} | {per('ring_pushes'):.3f} | {per('trie_walks'):.3f} | {per('wakeups'):.4f} | {per('helped_turns'):.4f} "
                  f"| {med([r.get('handovers') for r in rs]):.0f} |")
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

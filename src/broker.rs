@@ -32,6 +32,8 @@ pub struct WorkerStats {
     /// Routing costs, for `$SYS/broker/internal/`: pushes into peer rings, subscription trie
     /// walks, wake-ups of sleeping peers, filters announced to peers.
     pub ring_pushes: AtomicU64,
+    /// Messages routed to a peer worker, one per peer.
+    pub crossed: AtomicU64,
     pub trie_walks: AtomicU64,
     /// Messages delivered to a subscription read after them (`worker::catchup`).
     pub caught_up: AtomicU64,

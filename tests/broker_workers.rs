@@ -17,7 +17,8 @@ use tern::codec::*;
 
 /// A worker with mail for a sleeping peer runs the peer's turn itself instead of waking it: at a
 /// trickle, messages that cross workers arrive, in order, and `$SYS/broker/internal/helped_turns`
-/// counts the turns so run.
+/// counts the turns so run; `$SYS/broker/internal/crossed` counts the messages that went to
+/// another worker (some of the 160, each to one peer).
 #[test]
 fn a_trickle_across_workers_is_delivered_by_helped_turns() {
     let b = start(2);
@@ -37,6 +38,10 @@ fn a_trickle_across_workers_is_delivered_by_helped_turns() {
     let (mut sys, _) = Client::connect(addr, "trickle-sys", true);
     sys.subscribe("$SYS/broker/internal/helped_turns", QoS::AtMostOnce);
     wait_for_sys(&mut sys, "turns run for a sleeping peer", |n| n > 0);
+    let (mut crossed, _) = Client::connect(addr, "trickle-crossed", true);
+    crossed.subscribe("$SYS/broker/internal/crossed", QoS::AtMostOnce);
+    // Only these 160 messages (and $SYS updates to these two clients) are routed.
+    wait_for_sys(&mut crossed, "messages routed to another worker", |n| n > 0 && n < 200);
 }
 
 /// Spec 3.8.4: once a client has its SUBACK, messages published to a matching

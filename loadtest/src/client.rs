@@ -193,7 +193,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let npub = pub_topics.len();
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut clients: Vec<Client> = Vec::new();
-    let run_id = std::process::id();
+    let run_id = args.id_prefix.clone().unwrap_or_else(|| std::process::id().to_string());
     for (i, (filter, _)) in subs.iter().enumerate() {
         let role = Role::Subscriber { filter: filter.clone(), next_seq: vec![0; npub] };
         let sub_addr = args.sub_port.map_or(addr, |p| std::net::SocketAddr::new(addr.ip(), p));

@@ -220,6 +220,11 @@ pub struct RunArgs {
     /// publishers on one, the subscribers on the other).
     #[arg(long)]
     pub sub_port: Option<u16>,
+    /// Client ids are `lt-<this>-s<i>` and `lt-<this>-p<i>` (default: the process id). A broker
+    /// that places sessions by client id (tern's workers) then places them alike in every run
+    /// given the same value, so runs of different builds or worker counts compare like for like.
+    #[arg(long)]
+    pub id_prefix: Option<String>,
     /// Username every client sends in CONNECT.
     #[arg(long)]
     pub username: Option<String>,

@@ -64,7 +64,7 @@ pub fn render(shared: &Shared) -> String {
         let n: u64 = stats.iter().map(|s| s.limits[l as usize].load(Ordering::Relaxed)).sum();
         let _ = writeln!(o.0, "tern_limit_refusals_total{{limit=\"{}\"}} {n}", l.name());
     }
-    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 8] = [
+    let per_worker: [(&str, &str, &str, fn(&WorkerStats) -> &AtomicU64); 9] = [
         ("tern_worker_messages_received_total", "counter", "PUBLISH packets received, per worker.", |s| {
             &s.messages_received
         }),
@@ -74,6 +74,12 @@ pub fn render(shared: &Shared) -> String {
             &s.mail_waiting
         }),
         ("tern_worker_ring_pushes_total", "counter", "Mail pushed into peers' rings, per worker.", |s| &s.ring_pushes),
+        (
+            "tern_worker_crossed_total",
+            "counter",
+            "Messages routed to another worker (one per peer), per worker.",
+            |s| &s.crossed,
+        ),
         ("tern_worker_wakeups_total", "counter", "Wake-ups of sleeping peers, per worker.", |s| &s.wakeups),
         (
             "tern_worker_helped_turns_total",

@@ -131,6 +131,7 @@ impl Worker {
         let id = self.recent.next_id(listed);
         let seq = id as u32;
         let plain = super::batch::fits(m);
+        self.mailbox.crossed += peers.len() as u64;
         for &p in &peers {
             if m.qos != QoS::AtMostOnce {
                 self.mailbox.charge(p as usize);

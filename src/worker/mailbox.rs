@@ -131,6 +131,8 @@ pub struct Mailbox {
     wake: Vec<bool>,
     /// Pushes into rings, and wake-ups sent, for `$SYS/broker/internal/`.
     pub pushes: u64,
+    /// Messages routed to a peer, one per peer (a batch carries many in one push).
+    pub crossed: u64,
     pub wakeups: u64,
     /// Turns run for a sleeping peer instead of waking it (`Worker::help`).
     pub helped: u64,
@@ -161,6 +163,7 @@ impl Mailbox {
             pool: (0..n).map(|_| Vec::new()).collect(),
             wake: vec![false; n],
             pushes: 0,
+            crossed: 0,
             wakeups: 0,
             helped: 0,
             dropped: 0,

@@ -58,6 +58,7 @@ impl Worker {
         s.retained.store(self.router.retained.len() as u64, Ordering::Relaxed);
         s.subscriptions.store(self.router.subscription_count() as u64, Ordering::Relaxed);
         s.ring_pushes.store(self.mailbox.pushes, Ordering::Relaxed);
+        s.crossed.store(self.mailbox.crossed, Ordering::Relaxed);
         s.trie_walks.store(self.router.walks, Ordering::Relaxed);
         s.caught_up.store(self.recent.caught_up, Ordering::Relaxed);
         s.wakeups.store(self.mailbox.wakeups, Ordering::Relaxed);
@@ -110,6 +111,7 @@ impl Worker {
             ("$SYS/broker/retained messages/count", self.router.retained.len().to_string()),
             ("$SYS/broker/heap/current", crate::sys::rss_bytes().to_string()),
             ("$SYS/broker/internal/ring_pushes", sum(|s| &s.ring_pushes).to_string()),
+            ("$SYS/broker/internal/crossed", sum(|s| &s.crossed).to_string()),
             ("$SYS/broker/internal/trie_walks", sum(|s| &s.trie_walks).to_string()),
             ("$SYS/broker/internal/caught_up", sum(|s| &s.caught_up).to_string()),
             ("$SYS/broker/internal/wakeups", sum(|s| &s.wakeups).to_string()),
