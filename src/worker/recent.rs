@@ -171,8 +171,6 @@ impl Recent {
         }
         // A message that is not plain is listed by its topic alone (for matching).
         let payload = if plain { m.payload } else { &[] };
-        let source = Source { origin: m.origin, publisher: m.publisher, read_at: m.read_at };
-        let run = Run { arrived: m.arrived, source };
         let n = MSG_HEAD + m.topic.len() + payload.len();
         // A chunk holds consecutive numbers (routing one message never routes another, but a
         // chunk would not be misread if it did), and starts with a run head of its own.
@@ -191,7 +189,18 @@ impl Recent {
         }
         let Some(c) = self.chunks.back_mut() else { return };
         let before = c.buf.len();
-        if self.run != Some(run) {
+        // Compared field by field, as read from the message: most messages continue a run.
+        let same_run = self.run.as_ref().is_some_and(|r| {
+            r.arrived == m.arrived
+                && r.source.publisher == m.publisher
+                && r.source.read_at == m.read_at
+                && r.source.origin == m.origin
+        });
+        if !same_run {
+            let run = Run {
+                arrived: m.arrived,
+                source: Source { origin: m.origin, publisher: m.publisher, read_at: m.read_at },
+            };
             self.run = Some(run);
             c.buf.extend_from_slice(&run.head());
         }
