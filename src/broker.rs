@@ -58,6 +58,9 @@ pub struct Shared {
     pub config: Config,
     pub workers: usize,
     pub shutdown: AtomicBool,
+    /// Workers that, shutting down, have put the wills of their clients in the rings
+    /// (`worker::connect`: shutting down in two steps).
+    pub wills_sent: AtomicUsize,
     /// Open connections over all workers, for `max_connections`.
     pub connections: AtomicUsize,
     pub wakers: Vec<Arc<Waker>>,
@@ -251,6 +254,7 @@ impl Broker {
             recovery,
             workers: n,
             shutdown: AtomicBool::new(false),
+            wills_sent: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             wakers,
             parking: (0..n).map(|_| crate::ring::Parking::default()).collect(),

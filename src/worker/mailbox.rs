@@ -351,6 +351,12 @@ impl Mailbox {
         self.overflow.iter().any(|o| !o.is_empty())
     }
 
+    /// Everything sent so far is in the peers' rings: no batch being filled, no mail held for a
+    /// full ring.
+    pub fn nothing_held(&self) -> bool {
+        self.batches.iter().all(|b| b.is_none()) && self.overflow.iter().all(|o| o.is_empty())
+    }
+
     /// Moves held mail into rings that have room again.
     pub fn send_overflow(&mut self) {
         for to in 0..self.overflow.len() {

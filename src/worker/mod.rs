@@ -244,6 +244,8 @@ pub struct Worker {
     /// Messages routed in the last moments, for subscriptions that arrived before them but were
     /// read after them (`catchup`).
     recent: recent::Recent,
+    /// Shutting down: the wills are published, the peers' are awaited (`connect::Stopping`).
+    stopping: Option<connect::Stopping>,
 }
 
 impl Worker {
@@ -298,6 +300,7 @@ impl Worker {
             bridges: Vec::new(),
             lingering: linger::Lingering::default(),
             recent: recent::Recent::new(n, shared.config.arrival_order),
+            stopping: None,
             shared,
         }
     }
@@ -320,7 +323,11 @@ impl Worker {
         // Sleep only after telling producers so and finding the rings still empty.
         let mailbox = &self.mailbox;
         let sleep = idle && self.shared.parking[self.id].park(|| mailbox.inbox_empty());
-        let timeout = if sleep { self.sleep_time() } else { Duration::ZERO };
+        let mut timeout = if sleep { self.sleep_time() } else { Duration::ZERO };
+        if self.stopping.is_some() {
+            // Waiting for the peers' wills: a peer counting itself wakes nobody.
+            timeout = timeout.min(connect::STOPPING_POLL);
+        }
         self.wake_at_ms = self.clock.ms + timeout.as_millis() as u64;
         timeout
     }
@@ -363,13 +370,16 @@ impl Worker {
         self.take_mail();
         self.take_verdicts();
         self.run_deferred();
-        if !self.helping && self.hosted_poll.is_none() && self.shared.shutdown.load(Ordering::Relaxed) {
-            self.shutdown();
+        let own = !self.helping && self.hosted_poll.is_none();
+        if own && self.shared.shutdown.load(Ordering::Relaxed) && self.stop_step() {
             self.flush_store();
             return false;
         }
         self.fire_timers();
         self.end_turn();
+        if own && self.stopping.is_some() {
+            self.wills_in_rings();
+        }
         true
     }
 
