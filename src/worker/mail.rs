@@ -14,6 +14,9 @@ impl Worker {
             self.on_mail(from as usize, m);
         }
         self.scratch.mail = mail;
+        // Credit what was taken now, not at the end of the turn: a peer out of credit reads no
+        // publishers until it comes, and may be awake on another core meanwhile.
+        self.mailbox.send_credits();
     }
 
     fn on_mail(&mut self, from: usize, mail: Mail) {
