@@ -15,8 +15,17 @@ impl Worker {
         }
         self.scratch.mail = mail;
         // Credit what was taken now, not at the end of the turn: a peer out of credit reads no
-        // publishers until it comes, and may be awake on another core meanwhile.
-        self.mailbox.send_credits();
+        // publishers until it comes. One that went to sleep for want of it is woken now too, to
+        // go on reading on its own core while this turn goes on (not helped, at the end of it).
+        if self.mailbox.send_credits() && !self.helping {
+            let mut due = std::mem::take(&mut self.scratch.due);
+            self.mailbox.due_wakes(&self.shared, &mut due);
+            for &p in &due {
+                self.mailbox.wakeups += 1;
+                let _ = self.shared.wakers[p].wake();
+            }
+            self.scratch.due = due;
+        }
     }
 
     fn on_mail(&mut self, from: usize, mail: Mail) {

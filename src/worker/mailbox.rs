@@ -205,15 +205,19 @@ impl Mailbox {
     /// peer is short of credit only while at least half its window waits in the ring for this
     /// worker (which will take it and owe enough to credit), so it never waits on a credit held
     /// back, and a steady trickle costs one credit mail per half window, not one per turn.
-    pub fn send_credits(&mut self) {
+    /// Returns whether it sent any.
+    pub fn send_credits(&mut self) -> bool {
         let batch = (self.credit_window / 2).max(1) as u32;
+        let mut sent = false;
         for from in 0..self.credit_due.len() {
             let n = self.credit_due[from];
             if n >= batch {
                 self.credit_due[from] = 0;
                 self.send(from, Mail::Credit { n });
+                sent = true;
             }
         }
+        sent
     }
 
     pub fn peers(&self) -> impl Iterator<Item = usize> + '_ {
@@ -554,12 +558,12 @@ mod tests {
         for _ in 0..3 {
             m.owe_credit(0);
         }
-        m.send_credits();
+        assert!(!m.send_credits());
         assert!(to_zero.pop().is_none(), "3 of a window of 8: held back");
         m.owe_credit(0);
-        m.send_credits();
+        assert!(m.send_credits());
         assert!(matches!(to_zero.pop(), Some(Mail::Credit { n: 4 })));
-        m.send_credits();
+        assert!(!m.send_credits());
         assert!(to_zero.pop().is_none(), "nothing more is owed");
     }
 

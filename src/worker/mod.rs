@@ -404,7 +404,7 @@ impl Worker {
         }
         self.reap();
         self.mailbox.send_batches();
-        self.mailbox.send_credits();
+        let _ = self.mailbox.send_credits();
         self.mailbox.send_overflow();
         self.feed_starved();
         let mut due = std::mem::take(&mut self.scratch.due);
