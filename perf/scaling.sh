@@ -66,10 +66,10 @@ for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
                 extra=""
                 [ "$mode" = fixed ] && extra="--rate $rate"
                 line=$(mktemp -p "$WORK")
-                # shellcheck disable=SC2086
                 # The same client ids in run k of every worker count (and of every build): sessions
                 # are placed by client id, so how many messages cross workers is alike between the
                 # rows compared, and varies from run to run as it does between deployments.
+                # shellcheck disable=SC2086
                 if timeout 120 taskset -c "$LOAD_CPU" "$LT" run $args $extra --id-prefix "run$rep" --port "$PORT" --duration "$DURATION" \
                     --drain 3 --broker-pid "$BPID" --label "tern-$w" --json "$line" >/dev/null; then :; else
                     echo "   (run reported loss or failed)"

@@ -18,13 +18,7 @@ impl Worker {
         // publishers until it comes. One that went to sleep for want of it is woken now too, to
         // go on reading on its own core while this turn goes on (not helped, at the end of it).
         if self.mailbox.send_credits() && !self.helping {
-            let mut due = std::mem::take(&mut self.scratch.due);
-            self.mailbox.due_wakes(&self.shared, &mut due);
-            for &p in &due {
-                self.mailbox.wakeups += 1;
-                let _ = self.shared.wakers[p].wake();
-            }
-            self.scratch.due = due;
+            self.wake_due(false);
         }
     }
 

@@ -358,7 +358,7 @@ impl Mailbox {
     /// Everything sent so far is in the peers' rings: no batch being filled, no mail held for a
     /// full ring.
     pub fn nothing_held(&self) -> bool {
-        self.batches.iter().all(|b| b.is_none()) && self.overflow.iter().all(|o| o.is_empty())
+        self.batches.iter().all(|b| b.is_none()) && !self.backlogged()
     }
 
     /// Moves held mail into rings that have room again.

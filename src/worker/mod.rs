@@ -35,6 +35,7 @@ mod persist;
 mod recent;
 mod slot;
 mod stats;
+mod stop;
 mod timers;
 mod wire;
 
@@ -244,8 +245,8 @@ pub struct Worker {
     /// Messages routed in the last moments, for subscriptions that arrived before them but were
     /// read after them (`catchup`).
     recent: recent::Recent,
-    /// Shutting down: the wills are published, the peers' are awaited (`connect::Stopping`).
-    stopping: Option<connect::Stopping>,
+    /// Shutting down: the wills are published, the peers' are awaited (`stop::Stopping`).
+    stopping: Option<stop::Stopping>,
 }
 
 impl Worker {
@@ -326,7 +327,7 @@ impl Worker {
         let mut timeout = if sleep { self.sleep_time() } else { Duration::ZERO };
         if self.stopping.is_some() {
             // Waiting for the peers' wills: a peer counting itself wakes nobody.
-            timeout = timeout.min(connect::STOPPING_POLL);
+            timeout = timeout.min(stop::STOPPING_POLL);
         }
         self.wake_at_ms = self.clock.ms + timeout.as_millis() as u64;
         timeout
@@ -404,21 +405,27 @@ impl Worker {
         }
         self.reap();
         self.mailbox.send_batches();
-        let _ = self.mailbox.send_credits();
+        self.mailbox.send_credits();
         self.mailbox.send_overflow();
         self.feed_starved();
+        self.wake_due(true);
+        if self.mailbox.lost_connections > 0 {
+            self.shared.connections.fetch_sub(std::mem::take(&mut self.mailbox.lost_connections), Ordering::Relaxed);
+        }
+    }
+
+    /// The sleeping peers this turn sent mail to: each is helped (`may_help`: its turn run here,
+    /// if its lock is free) or woken.
+    fn wake_due(&mut self, may_help: bool) {
         let mut due = std::mem::take(&mut self.scratch.due);
         self.mailbox.due_wakes(&self.shared, &mut due);
         for &p in &due {
-            if !self.help(p) {
+            if !(may_help && self.help(p)) {
                 self.mailbox.wakeups += 1;
                 let _ = self.shared.wakers[p].wake();
             }
         }
         self.scratch.due = due;
-        if self.mailbox.lost_connections > 0 {
-            self.shared.connections.fetch_sub(std::mem::take(&mut self.mailbox.lost_connections), Ordering::Relaxed);
-        }
     }
 
     fn sleep_time(&self) -> Duration {

@@ -42,13 +42,26 @@ const RUN_HEAD: usize = 1 + 8 + SOURCE;
 const RUN_MARK: u8 = 1 << 7;
 
 /// What consecutive messages from one read share, written once for the run.
-#[derive(Clone, Copy, Default, PartialEq)]
+#[derive(Clone, Copy, Default)]
 struct Run {
     arrived: u64,
     source: Source,
 }
 
 impl Run {
+    fn of(m: &View<'_>) -> Run {
+        Run { arrived: m.arrived, source: Source { origin: m.origin, publisher: m.publisher, read_at: m.read_at } }
+    }
+
+    /// Whether `m` belongs to this run: compared field by field as read from the message, not
+    /// by building a `Run` for each one (most messages continue the run before them).
+    fn continued_by(&self, m: &View<'_>) -> bool {
+        self.arrived == m.arrived
+            && self.source.publisher == m.publisher
+            && self.source.read_at == m.read_at
+            && self.source.origin == m.origin
+    }
+
     fn head(&self) -> [u8; RUN_HEAD] {
         let mut h = [0u8; RUN_HEAD];
         h[0] = RUN_MARK | self.source.put(&mut h[9..9 + SOURCE]);
@@ -189,18 +202,8 @@ impl Recent {
         }
         let Some(c) = self.chunks.back_mut() else { return };
         let before = c.buf.len();
-        // Compared field by field, as read from the message: most messages continue a run.
-        let same_run = self.run.as_ref().is_some_and(|r| {
-            r.arrived == m.arrived
-                && r.source.publisher == m.publisher
-                && r.source.read_at == m.read_at
-                && r.source.origin == m.origin
-        });
-        if !same_run {
-            let run = Run {
-                arrived: m.arrived,
-                source: Source { origin: m.origin, publisher: m.publisher, read_at: m.read_at },
-            };
+        if !self.run.as_ref().is_some_and(|r| r.continued_by(m)) {
+            let run = Run::of(m);
             self.run = Some(run);
             c.buf.extend_from_slice(&run.head());
         }
