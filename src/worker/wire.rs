@@ -296,12 +296,12 @@ impl Worker {
             self.close(k, CloseKind::Normal);
             return;
         }
-        if c.wbuf.capacity() <= 256 {
+        if !c.flags.trim_listed {
             // An idle connection holds no output buffer, not even the few bytes of its last CONNACK
-            // or PINGRESP. Larger buffers stay while the connection is busy (freeing and faulting
-            // them in again per write costs more than the copy they carry); the tick trims them.
-            c.wbuf = BytesMut::new();
-        } else if c.wbuf.capacity() > 4096 && !c.flags.trim_listed {
+            // or PINGRESP: the next tick frees it if it is still empty then. Until then it stays,
+            // however small: a busy connection that emptied it this turn fills it again next turn,
+            // and freeing it per turn costs an allocation and a chain of regrowths per turn
+            // (with more than one worker, often on another thread's glibc arena, under its lock).
             c.flags.trim_listed = true;
             self.turn.trim.push((k, c.uid));
         }
