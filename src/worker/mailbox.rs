@@ -230,22 +230,25 @@ impl Mailbox {
     }
 
     /// Adds a plain message (`batch::fits`) to the batch for a peer, sent at the end of the turn
-    /// or once it holds `BATCH_BYTES`.
+    /// or before it would hold more than `BATCH_BYTES` (unless one message is larger).
     pub fn publish(&mut self, to: usize, m: &View<'_>, seq: u32) {
+        // Sent before it would pass `BATCH_BYTES`, not after: a buffer of that size never grows
+        // (a regrowth copies it and, past twice that, it is not reused but freed).
+        if self.batches[to].as_ref().is_some_and(|b| b.count > 0 && b.buf.len() + batch::size(m) > BATCH_BYTES) {
+            self.send_batch(to);
+        }
         let b = match &mut self.batches[to] {
             Some(b) => b,
             slot => slot.insert(self.pool[to].pop().unwrap_or_else(|| {
-                // As large as the last batch to this peer: a trickle allocates little, a flood
-                // allocates once.
+                // As large as the last batch to this peer (to a power of two): a trickle
+                // allocates little, a flood allocates once, `BATCH_BYTES`.
                 let mut b = Box::<Batch>::default();
-                b.buf.reserve(batch::size(m).max(self.last_batch[to]));
+                let size = batch::size(m);
+                b.buf.reserve(size.max(self.last_batch[to].next_power_of_two().min(BATCH_BYTES)));
                 b
             })),
         };
         b.push(m, seq);
-        if b.buf.len() >= BATCH_BYTES {
-            self.send_batch(to);
-        }
     }
 
     /// Sends the batch for `to`, if it holds anything.
@@ -499,7 +502,14 @@ mod tests {
         for i in 0..BATCH_BYTES / 1000 {
             m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
         }
-        assert!(to_zero.pop().is_some());
+        let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a full batch") };
+        assert!(b.buf.len() <= BATCH_BYTES, "sent before it passes BATCH_BYTES");
+        // The next one after a full one is allocated at BATCH_BYTES and never grows.
+        for i in 0..BATCH_BYTES / 1000 {
+            m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
+        }
+        let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a second full batch") };
+        assert_eq!(b.buf.capacity(), BATCH_BYTES);
     }
 
     #[test]
