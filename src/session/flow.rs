@@ -166,25 +166,24 @@ impl Session {
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): ends the flow of `id` if it waited for exactly that.
-    /// Returns whether a window slot opened.
-    pub fn complete(&mut self, id: PacketId, waiting: OutState) -> bool {
+    /// Returns the delivery it ended, if any: a window slot opened.
+    pub fn complete(&mut self, id: PacketId, waiting: OutState) -> Option<Delivery> {
         match self.inflight_position(id) {
             Some(i) if self.inflight[i].state == waiting => {
-                if let Some(done) = self.inflight.remove(i) {
-                    self.forget(done.delivery.seq);
-                }
-                true
+                let done = self.inflight.remove(i)?;
+                self.forget(done.delivery.seq);
+                Some(done.delivery)
             }
-            _ => false,
+            _ => None,
         }
     }
 
     pub fn on_puback(&mut self, id: PacketId) -> bool {
-        self.complete(id, OutState::AwaitAck)
+        self.complete(id, OutState::AwaitAck).is_some()
     }
 
     pub fn on_pubcomp(&mut self, id: PacketId) -> bool {
-        self.complete(id, OutState::AwaitComp)
+        self.complete(id, OutState::AwaitComp).is_some()
     }
 
     /// PUBREC for an outgoing QoS 2 message; `refused` when its 5.0 reason is an error.

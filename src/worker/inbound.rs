@@ -103,9 +103,10 @@ impl Worker {
     fn completed(&mut self, sk: SessionKey, id: crate::codec::PacketId, waiting: OutState) {
         self.touch(sk);
         let s = &mut self.sessions[sk];
-        if s.complete(id, waiting) {
+        if let Some(done) = s.complete(id, waiting) {
             s.last_progress = Some(self.clock.now);
             s.stalled = false;
+            self.scratch.made.give_back(done.msg);
             self.pump(sk);
         }
     }

@@ -155,8 +155,8 @@ struct Scratch {
     peers: Vec<u16>,
     groups: Vec<crate::router::GroupId>,
     mail: Vec<(u16, Mail)>,
-    /// The last message kept (`View::to_message_in`).
-    kept: std::sync::Weak<crate::session::Message>,
+    /// The messages made for what keeps them, the last and the spare (`View::to_message_in`).
+    made: deliver::Made,
     /// Sleeping peers this turn sent mail to.
     due: Vec<usize>,
 }

@@ -29,6 +29,7 @@ impl Worker {
     pub(super) fn tick(&mut self) {
         self.sys.next_tick_ms = self.clock.ms + TICK.as_millis() as u64;
         self.trim_buffers();
+        self.scratch.made.trim();
         self.trim_recent();
         self.bridge_tick();
         self.publish_stats();
