@@ -298,10 +298,15 @@ impl Worker {
         }
         if !c.flags.trim_listed {
             // An idle connection holds no output buffer, not even the few bytes of its last CONNACK
-            // or PINGRESP: the next tick frees it if it is still empty then. Until then it stays,
-            // however small: a busy connection that emptied it this turn fills it again next turn,
-            // and freeing it per turn costs an allocation and a chain of regrowths per turn
-            // (with more than one worker, often on another thread's glibc arena, under its lock).
+            // or PINGRESP: the first time a buffer empties after a tick, a small one is freed at
+            // once, and any buffer is listed for the next tick, which frees it if it is empty
+            // then. A connection that empties its buffer again before that tick (a busy one, that
+            // writes a little every turn) keeps it: freeing it per turn cost an allocation and a
+            // chain of regrowths per turn (with more than one worker, often on another thread's
+            // glibc arena, under its lock).
+            if c.wbuf.capacity() <= 256 {
+                c.wbuf = BytesMut::new();
+            }
             c.flags.trim_listed = true;
             self.turn.trim.push((k, c.uid));
         }
