@@ -3,15 +3,13 @@
 //! sessions and to the shared groups homed here. QoS 0 is encoded once per protocol family and
 //! copied into each subscriber's output; QoS 1/2 go through each session's flow engine.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Instant;
-
-use bytes::{Bytes, BytesMut};
 
 use super::conn::{custom_properties, ConnOutlet};
 use super::mailbox::Mail;
 use super::Worker;
-use crate::codec::{MqttStr, Properties, PublishHeader, QoS};
+use crate::codec::{Properties, PublishHeader, QoS};
 use crate::metrics::Drop;
 use crate::router::GroupId;
 use crate::session::{Delivery, GroupKey, Message, Offer, Publisher, QueueBound, SessionKey};
@@ -32,71 +30,6 @@ pub struct View<'a> {
     pub read_at: Option<u64>,
     /// When the PUBLISH reached the host (`Conn::arrived`); 0: not known, or not a client's.
     pub arrived: u64,
-}
-
-impl View<'_> {
-    pub(super) fn to_message(&self) -> Arc<Message> {
-        self.with_topic(MqttStr::from(self.topic))
-    }
-
-    /// `to_message`, made in a message given back to `made` if there is one (its payload buffer
-    /// and, when it is the same, its topic filled again), sharing the topic of the last message
-    /// kept when it is the same one and still queued somewhere (a run of messages on one topic,
-    /// as one client's read brings, allocates its topic once), and leaving itself as the last.
-    /// The last is weak: it never keeps a delivered message (payload and all) alive. A lone
-    /// message allocates what it did: its topic is shared only once a second message wants it.
-    pub(super) fn to_message_in(&self, made: &mut Made) -> Arc<Message> {
-        let last = made.last.upgrade().filter(|l| *l.topic == *self.topic);
-        let topic = || last.as_ref().map_or_else(|| MqttStr::from(self.topic), |l| l.topic.clone());
-        let mut spare = made.take();
-        let msg = match spare.as_mut().and_then(Arc::get_mut) {
-            Some(m) => {
-                if *m.topic != *self.topic {
-                    m.topic = topic();
-                }
-                self.fill(m);
-                spare.take().unwrap_or_else(|| self.with_topic(topic()))
-            }
-            None => self.with_topic(topic()),
-        };
-        made.last = Arc::downgrade(&msg);
-        msg
-    }
-
-    /// Makes `m` this message, topic aside, in its payload buffer unless that is much larger.
-    fn fill(&self, m: &mut Message) {
-        let mut payload = std::mem::take(&mut m.payload).try_into_mut().unwrap_or_default();
-        payload.clear();
-        if payload.capacity() > (2 * self.payload.len()).max(256) {
-            // A small message in a large buffer: a queue of them would hold every buffer whole.
-            payload = BytesMut::new();
-        }
-        payload.extend_from_slice(self.payload);
-        m.payload = payload.freeze();
-        m.qos = self.qos;
-        m.retain = self.retain;
-        m.properties = self.properties.map(|p| Box::new(p.clone()));
-        m.origin = self.origin;
-        m.publisher = self.publisher;
-        m.expires_at = self.expires_at;
-        m.stamp = self.stamp;
-        m.read_at = self.read_at;
-    }
-
-    fn with_topic(&self, topic: MqttStr) -> Arc<Message> {
-        Arc::new(Message {
-            topic,
-            payload: Bytes::copy_from_slice(self.payload),
-            qos: self.qos,
-            retain: self.retain,
-            properties: self.properties.map(|p| Box::new(p.clone())),
-            origin: self.origin,
-            publisher: self.publisher,
-            expires_at: self.expires_at,
-            stamp: self.stamp,
-            read_at: self.read_at,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -125,55 +58,8 @@ pub(super) fn view(m: &Message) -> View<'_> {
 
 /// The one shared copy of `m` for everything that keeps it (a peer, the retained store, a queue),
 /// made the first time one does (`View::to_message_in`).
-fn kept(shared: &mut Option<Arc<Message>>, m: &View<'_>, made: &mut Made) -> Arc<Message> {
+fn kept(shared: &mut Option<Arc<Message>>, m: &View<'_>, made: &mut super::made::Made) -> Arc<Message> {
     shared.get_or_insert_with(|| m.to_message_in(made)).clone()
-}
-
-/// Messages given back when a subscriber acknowledged them, kept to be filled again: at most
-/// this many, each with a payload of at most `SPARE_PAYLOAD` bytes.
-const SPARE: usize = 256;
-const SPARE_PAYLOAD: usize = 4096;
-
-/// The messages a worker makes for what keeps them (`View::to_message_in`): the last one, whose
-/// topic the next may share, and the spare ones, acknowledged by the only session that held them
-/// and given back (`give_back`). A QoS 1/2 message queued on this worker is then made and
-/// unmade without the allocator: with more than one worker that is more than the cost of two
-/// allocations and two frees, since a turn run by a peer's thread (`Worker::help`) allocates in
-/// that thread's glibc arena, and the free that follows on this one takes the arena's lock.
-#[derive(Default)]
-pub(super) struct Made {
-    last: Weak<Message>,
-    spare: Vec<Arc<Message>>,
-    /// The fewest spare since the last `trim`.
-    low: usize,
-}
-
-impl Made {
-    fn take(&mut self) -> Option<Arc<Message>> {
-        let m = self.spare.pop();
-        self.low = self.low.min(self.spare.len());
-        m
-    }
-
-    /// A message no one else holds, to be filled again; others are simply dropped.
-    pub(super) fn give_back(&mut self, mut msg: Arc<Message>) {
-        if self.spare.len() < SPARE {
-            if let Some(m) = Arc::get_mut(&mut msg) {
-                if m.payload.len() <= SPARE_PAYLOAD {
-                    m.properties = None;
-                    self.spare.push(msg);
-                }
-            }
-        }
-    }
-
-    /// Frees the spare messages not drawn on since the last call (the tick's): a steady flow
-    /// keeps what it circulates, a quiet worker holds none after two ticks.
-    pub(super) fn trim(&mut self) {
-        let unused = self.low.min(self.spare.len());
-        self.spare.drain(..unused);
-        self.low = self.spare.len();
-    }
 }
 
 impl Worker {
@@ -598,60 +484,5 @@ impl Worker {
         };
         self.over_budget(limit, || format!("{key} reached: not retaining {} ({} bytes)", msg.topic, msg.size()));
         false
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_acknowledged_message_is_filled_again() {
-        let mut made = Made::default();
-        let a = View::plain("a/b", b"first", QoS::AtLeastOnce).to_message_in(&mut made);
-        let at = Arc::as_ptr(&a);
-        // Held by the last (weakly) only: given back once a newer one is the last.
-        let b = View::plain("c", b"second", QoS::AtLeastOnce).to_message_in(&mut made);
-        made.give_back(a);
-        let c =
-            View { origin: Some((1, 2)), ..View::plain("a/b", b"third", QoS::ExactlyOnce) }.to_message_in(&mut made);
-        assert_eq!(Arc::as_ptr(&c), at, "the same message, filled again");
-        assert_eq!(
-            (&*c.topic, &c.payload[..], c.qos, c.origin),
-            ("a/b", &b"third"[..], QoS::ExactlyOnce, Some((1, 2)))
-        );
-        // c is kept once another is the last one made.
-        let e = View::plain("e", b"fifth", QoS::AtLeastOnce).to_message_in(&mut made);
-        made.give_back(c);
-        // A different topic is replaced, the payload too.
-        let d = View::plain("x", b"fourth", QoS::AtLeastOnce).to_message_in(&mut made);
-        assert_eq!(Arc::as_ptr(&d), at);
-        assert_eq!((&*d.topic, &d.payload[..]), ("x", &b"fourth"[..]));
-        // Held by someone else (another queue): not kept.
-        let held = d.clone();
-        made.give_back(d);
-        assert!(made.spare.is_empty());
-        // The last one made is not kept: the next may share its topic.
-        let f = View::plain("f", b"sixth", QoS::AtLeastOnce).to_message_in(&mut made);
-        made.give_back(f);
-        assert!(made.spare.is_empty());
-        drop((held, b, e));
-    }
-
-    #[test]
-    fn spare_messages_are_bounded_and_trimmed() {
-        let mut made = Made::default();
-        let big = vec![0u8; SPARE_PAYLOAD + 1];
-        made.give_back(View::plain("t", &big, QoS::AtLeastOnce).to_message());
-        assert!(made.spare.is_empty(), "a large payload is not kept");
-        for _ in 0..SPARE + 10 {
-            made.give_back(View::plain("t", b"p", QoS::AtLeastOnce).to_message());
-        }
-        assert_eq!(made.spare.len(), SPARE);
-        made.trim();
-        let _m = View::plain("t", b"p", QoS::AtLeastOnce).to_message_in(&mut made);
-        // Only one was drawn on since the last trim, so none was needed: all go at the next.
-        made.trim();
-        assert!(made.spare.is_empty());
     }
 }

@@ -232,9 +232,11 @@ impl Mailbox {
     /// Adds a plain message (`batch::fits`) to the batch for a peer, sent at the end of the turn
     /// or before it would hold more than `BATCH_BYTES` (unless one message is larger).
     pub fn publish(&mut self, to: usize, m: &View<'_>, seq: u32) {
+        let size = batch::size(m);
         // Sent before it would pass `BATCH_BYTES`, not after: a buffer of that size never grows
-        // (a regrowth copies it and, past twice that, it is not reused but freed).
-        if self.batches[to].as_ref().is_some_and(|b| b.count > 0 && b.buf.len() + batch::size(m) > BATCH_BYTES) {
+        // (a regrowth copies it and, past twice that, it is not reused but freed). A batch being
+        // filled holds at least one message, so a larger message still goes.
+        if self.batches[to].as_ref().is_some_and(|b| b.buf.len() + size > BATCH_BYTES) {
             self.send_batch(to);
         }
         let b = match &mut self.batches[to] {
@@ -243,7 +245,6 @@ impl Mailbox {
                 // As large as the last batch to this peer (to a power of two): a trickle
                 // allocates little, a flood allocates once, `BATCH_BYTES`.
                 let mut b = Box::<Batch>::default();
-                let size = batch::size(m);
                 b.buf.reserve(size.max(self.last_batch[to].next_power_of_two().min(BATCH_BYTES)));
                 b
             })),

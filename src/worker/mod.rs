@@ -29,6 +29,7 @@ mod host;
 mod inbound;
 mod limits;
 mod linger;
+mod made;
 mod mail;
 mod mailbox;
 mod persist;
@@ -156,7 +157,7 @@ struct Scratch {
     groups: Vec<crate::router::GroupId>,
     mail: Vec<(u16, Mail)>,
     /// The messages made for what keeps them, the last and the spare (`View::to_message_in`).
-    made: deliver::Made,
+    made: made::Made,
     /// Sleeping peers this turn sent mail to.
     due: Vec<usize>,
 }
