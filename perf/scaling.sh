@@ -59,16 +59,19 @@ for rep in $( [ -n "${REPORT_ONLY:-}" ] || seq 1 "$REPS"); do
         for mode in saturation fixed; do
             for w in $WORKERS; do
                 echo "== run $rep/$REPS: $name $mode, $w worker(s)"
-                printf 'port = %s\nworkers = %s\npin_workers = false\nsys_interval = 1\nlog_level = "warn"\n' \
-                    "$PORT" "$w" > "$WORK/tern.toml"
+                # Run k places sessions with placement_seed = k: with the same client ids (below),
+                # the same sessions share a worker in run k of a row, in every build compared.
+                printf 'port = %s\nworkers = %s\npin_workers = false\nsys_interval = 1\nlog_level = "warn"\nplacement_seed = %s\n' \
+                    "$PORT" "$w" "$rep" > "$WORK/tern.toml"
                 start_broker tern-config "$WORK/tern.toml"
                 before=$(counters)
                 extra=""
                 [ "$mode" = fixed ] && extra="--rate $rate"
                 line=$(mktemp -p "$WORK")
                 # The same client ids in run k of every worker count (and of every build): sessions
-                # are placed by client id, so how many messages cross workers is alike between the
-                # rows compared, and varies from run to run as it does between deployments.
+                # are placed by a hash of the client id keyed by placement_seed, so how many
+                # messages cross workers is the same in run k of a row for every build, and varies
+                # from run to run (and between worker counts) as it does between deployments.
                 # shellcheck disable=SC2086
                 if timeout 120 taskset -c "$LOAD_CPU" "$LT" run $args $extra --id-prefix "run$rep" --port "$PORT" --duration "$DURATION" \
                     --drain 3 --broker-pid "$BPID" --label "tern-$w" --json "$line" >/dev/null; then :; else
@@ -125,7 +128,7 @@ lines.append(f"Made by `perf/scaling.sh` (REPS={reps}, DURATION={duration} s) on
              f"2 CPUs, {placement}, load generator on CPU 1, 64-byte payloads. Medians over the runs. "
              "`x1` is CPU per message relative to 1 worker in the same scenario and mode; "
              "lost is each run's figure; crossed: messages routed to another worker, per delivered message "
-             "(run k of every row used the same client ids, `--id-prefix runk`, so the same sessions share a worker); handovers: workers handed to worker 0's thread in the run "
+             "(run k of every row used the same client ids, `--id-prefix runk`, and `placement_seed = k`, so in run k of a row the same sessions share a worker in every build compared on one machine); handovers: workers handed to worker 0's thread in the run "
              "(including the quiet seconds around it), median.")
 lines.append("")
 lines.append("| scenario | mode | workers | delivered/s | lost | CPU-s per M delivered | x1 | crossed/msg | ring pushes/msg | trie walks/msg | wake-ups/msg | helped turns/msg | handovers |")

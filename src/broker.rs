@@ -99,6 +99,21 @@ pub struct Shared {
 }
 
 /// Which of `workers` a key (a client id, a shared group) lives on.
+/// The hash that places sessions and shared groups: keyed by `placement_seed` when set, else
+/// random.
+fn placement(seed: Option<u64>) -> ahash::RandomState {
+    match seed {
+        // Four keys from one: any fixed, distinct derivation will do.
+        Some(seed) => ahash::RandomState::with_seeds(
+            seed,
+            seed ^ 0x9e37_79b9_7f4a_7c15,
+            seed.rotate_left(17) ^ 0xbf58_476d_1ce4_e5b9,
+            seed.rotate_left(41) ^ 0x94d0_49bb_1331_11eb,
+        ),
+        None => ahash::RandomState::new(),
+    }
+}
+
 fn home(hasher: &ahash::RandomState, workers: usize, key: impl std::hash::Hash) -> usize {
     (hasher.hash_one(key) % workers as u64) as usize
 }
@@ -125,6 +140,24 @@ pub fn ring_capacity(workers: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::{home, placement};
+
+    #[test]
+    fn a_placement_seed_places_every_client_id_alike_at_every_start() {
+        let ids: Vec<String> = (0..1000).map(|i| format!("device-{i}")).collect();
+        let places = |seed| ids.iter().map(|id| home(&placement(seed), 4, id.as_str())).collect::<Vec<_>>();
+        let seven = places(Some(7));
+        assert_eq!(seven, places(Some(7)), "the same seed, the same workers");
+        assert_ne!(seven, places(Some(8)), "another seed, another placement");
+        // Still a spread: each of the 4 workers gets a fair share of 1,000 ids.
+        for w in 0..4 {
+            let n = seven.iter().filter(|&&x| x == w).count();
+            assert!((150..350).contains(&n), "worker {w} got {n} of 1000");
+        }
+        // Unset: random per start (two starts agreeing on all 1,000 ids would be a fixed key).
+        assert_ne!(places(None), places(None));
+    }
+
     #[test]
     fn ring_memory_per_worker_stays_flat_as_workers_grow() {
         assert_eq!(super::ring_capacity(2), 16 * 1024);
@@ -217,7 +250,7 @@ impl Broker {
             }
             _ => None,
         };
-        let hasher = ahash::RandomState::new();
+        let hasher = placement(config.placement_seed);
         let mut store_parts = None;
         let mut recovery = None;
         if let Some((store, recovered)) = opened {

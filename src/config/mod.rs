@@ -29,6 +29,12 @@ pub struct Config {
     /// With more than one worker: while the load is light, worker 0's thread serves the workers
     /// whose threads are mostly idle, so fewer threads sleep and wake (`worker::host`).
     pub host_idle_workers: bool,
+    /// With more than one worker: the key of the hash that gives each client id (and shared
+    /// group) its worker. Unset, a random one per start, so no one can choose client ids that all
+    /// land on one worker; set, the same sessions share a worker at every start of the same
+    /// build on the same machine, so benchmark runs and builds can be compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement_seed: Option<u64>,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
     /// Log to this file (appended) instead of standard error.
@@ -396,6 +402,7 @@ impl Default for Config {
             pin_workers: true,
             arrival_order: true,
             host_idle_workers: true,
+            placement_seed: None,
             log_level: "info".into(),
             log_file: None,
             pid_file: None,
