@@ -18,9 +18,21 @@ use crate::codec::MqttStr;
 use crate::session::Message;
 
 /// Messages kept to be made again: at most this many, each with a payload of at most
-/// `SPARE_PAYLOAD` bytes (in a buffer of at most twice that, `View::payload_in`): about 2 MiB.
-const SPARE: usize = 256;
+/// `SPARE_PAYLOAD` bytes, and at most `SPARE_BYTES` of them counting each as its payload and
+/// `SPARE_OVERHEAD` (the message, its buffers up to twice its payload, `View::payload_in`: about
+/// 2 MiB at most). A batch from a peer brings hundreds of messages at once and their
+/// acknowledgements come back in runs, so the pool must hold more than one batch's worth: with
+/// 256, 50 pairs QoS 1 with 2 workers found it full on about a third of the acknowledgements,
+/// and made as many new messages.
+const SPARE: usize = 4096;
 const SPARE_PAYLOAD: usize = 4096;
+const SPARE_BYTES: usize = 1 << 20;
+const SPARE_OVERHEAD: usize = 256;
+
+/// What a spare message counts against `SPARE_BYTES`.
+fn weight(m: &Message) -> usize {
+    m.payload.len() + SPARE_OVERHEAD
+}
 
 /// What a worker made and got back: the last message made, whose topic the next may share, and
 /// the spare ones, acknowledged by the only session that held them.
@@ -28,23 +40,27 @@ const SPARE_PAYLOAD: usize = 4096;
 pub(super) struct Made {
     last: Weak<Message>,
     spare: Vec<Arc<Message>>,
+    /// Their `weight`s, summed.
+    bytes: usize,
     /// The fewest spare since the last `trim`.
     low: usize,
 }
 
 impl Made {
     fn take(&mut self) -> Option<Arc<Message>> {
-        let m = self.spare.pop();
+        let m = self.spare.pop()?;
+        self.bytes -= weight(&m);
         self.low = self.low.min(self.spare.len());
-        m
+        Some(m)
     }
 
     /// A message no one else holds, kept to be made again; others are simply dropped.
     pub(super) fn give_back(&mut self, mut msg: Arc<Message>) {
         if self.spare.len() < SPARE {
             if let Some(m) = Arc::get_mut(&mut msg) {
-                if m.payload.len() <= SPARE_PAYLOAD {
+                if m.payload.len() <= SPARE_PAYLOAD && self.bytes + weight(m) <= SPARE_BYTES {
                     m.properties = None;
+                    self.bytes += weight(m);
                     self.spare.push(msg);
                 }
             }
@@ -55,7 +71,7 @@ impl Made {
     /// keeps what it circulates, a quiet worker holds none after two ticks.
     pub(super) fn trim(&mut self) {
         let unused = self.low.min(self.spare.len());
-        self.spare.drain(..unused);
+        self.bytes -= self.spare.drain(..unused).map(|m| weight(&m)).sum::<usize>();
         self.low = self.spare.len();
     }
 }
@@ -172,11 +188,20 @@ mod tests {
         for _ in 0..SPARE + 10 {
             made.give_back(View::plain("t", b"p", QoS::AtLeastOnce).to_message());
         }
-        assert_eq!(made.spare.len(), SPARE);
+        assert_eq!(made.spare.len(), SPARE.min(SPARE_BYTES / (1 + SPARE_OVERHEAD)), "bounded by count or bytes");
+        assert!(made.spare.len() > 1000, "more than a batch's worth of small messages");
+        assert_eq!(made.bytes, made.spare.len() * (1 + SPARE_OVERHEAD));
+        let mut large = Made::default();
+        let payload = vec![0u8; SPARE_PAYLOAD];
+        for _ in 0..SPARE {
+            large.give_back(View::plain("t", &payload, QoS::AtLeastOnce).to_message());
+        }
+        assert_eq!(large.spare.len(), SPARE_BYTES / (SPARE_PAYLOAD + SPARE_OVERHEAD), "bounded by bytes");
         made.trim();
         let _m = View::plain("t", b"p", QoS::AtLeastOnce).to_message_in(&mut made);
         // Only one was drawn on since the last trim, so none was needed: all go at the next.
         made.trim();
         assert!(made.spare.is_empty());
+        assert_eq!(made.bytes, 0);
     }
 }
