@@ -9,7 +9,7 @@
 //! back (`Made::give_back`) and the next one is written into it, so a steady flow of queued
 //! messages is made and unmade without the allocator.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -34,11 +34,11 @@ fn weight(m: &Message) -> usize {
     m.payload.len() + SPARE_OVERHEAD
 }
 
-/// What a worker made and got back: the last message made, whose topic the next may share, and
-/// the spare ones, acknowledged by the only session that held them.
+/// What a worker made and got back: the topic of the last message made, which the next may
+/// share, and the spare messages, acknowledged by the only session that held them.
 #[derive(Default)]
 pub(super) struct Made {
-    last: Weak<Message>,
+    last_topic: Option<MqttStr>,
     spare: Vec<Arc<Message>>,
     /// Their `weight`s, summed.
     bytes: usize,
@@ -54,15 +54,33 @@ impl Made {
         Some(m)
     }
 
-    /// A message no one else holds, kept to be made again; others are simply dropped.
-    pub(super) fn give_back(&mut self, mut msg: Arc<Message>) {
-        if self.spare.len() < SPARE {
-            if let Some(m) = Arc::get_mut(&mut msg) {
-                if m.payload.len() <= SPARE_PAYLOAD && self.bytes + weight(m) <= SPARE_BYTES {
-                    m.properties = None;
-                    self.bytes += weight(m);
-                    self.spare.push(msg);
-                }
+    /// A message no one else holds, kept to be made again; others are simply dropped. Two plain
+    /// loads decide, not `Arc::get_mut`'s locked compare-exchange: with one strong reference
+    /// (this one) and no weak one (none is ever made) no one can get at it again, and the
+    /// `get_mut` that writes it when it is made again orders that after every other holder's
+    /// last use.
+    pub(super) fn give_back(&mut self, msg: Arc<Message>) {
+        if self.spare.len() < SPARE
+            && Arc::strong_count(&msg) == 1
+            && Arc::weak_count(&msg) == 0
+            && msg.properties.is_none()
+            && msg.payload.len() <= SPARE_PAYLOAD
+            && self.bytes + weight(&msg) <= SPARE_BYTES
+        {
+            self.bytes += weight(&msg);
+            self.spare.push(msg);
+        }
+    }
+
+    /// The topic for a message made on `topic`: the last one made, shared, when it is the same
+    /// (a run of messages on one topic, as one client's read brings, allocates it once).
+    fn topic(&mut self, topic: &str) -> MqttStr {
+        match &self.last_topic {
+            Some(t) if **t == *topic => t.clone(),
+            _ => {
+                let t = MqttStr::from(topic);
+                self.last_topic = Some(t.clone());
+                t
             }
         }
     }
@@ -82,30 +100,21 @@ impl View<'_> {
     }
 
     /// `to_message`, made in a spare message if `made` has one (its topic kept when it is the
-    /// same, its payload buffer reused), sharing the topic of the last message made when it is
-    /// the same one and still queued somewhere (a run of messages on one topic, as one client's
-    /// read brings, allocates its topic once), and leaving itself as the last. The last is weak:
-    /// it never keeps a delivered message (payload and all) alive, nor makes it unfit to be
-    /// given back once it is no longer the last.
+    /// same, its payload buffer reused), with the topic of the last message made when it is the
+    /// same one (`Made::topic`).
     pub(super) fn to_message_in(&self, made: &mut Made) -> Arc<Message> {
-        let last = made.last.upgrade().filter(|l| *l.topic == *self.topic);
-        let topic = || last.as_ref().map_or_else(|| MqttStr::from(self.topic), |l| l.topic.clone());
-        let mut spare = made.take();
-        // A spare is held by nothing else (`give_back`): it can be written.
-        let msg = match spare.as_mut().and_then(Arc::get_mut) {
-            Some(m) => {
+        if let Some(mut spare) = made.take() {
+            // A spare is held by nothing else (`give_back`): it can be written.
+            if let Some(m) = Arc::get_mut(&mut spare) {
                 if *m.topic != *self.topic {
-                    m.topic = topic();
+                    m.topic = made.topic(self.topic);
                 }
                 m.payload = self.payload_in(std::mem::take(&mut m.payload));
                 self.fill(m);
-                spare
+                return spare;
             }
-            None => None,
-        };
-        let msg = msg.unwrap_or_else(|| Arc::new(self.message(topic(), Bytes::copy_from_slice(self.payload))));
-        made.last = Arc::downgrade(&msg);
-        msg
+        }
+        Arc::new(self.message(made.topic(self.topic), Bytes::copy_from_slice(self.payload)))
     }
 
     /// This message with `topic` and `payload`.
@@ -151,8 +160,7 @@ mod tests {
         let mut made = Made::default();
         let a = View::plain("a/b", b"first", QoS::AtLeastOnce).to_message_in(&mut made);
         let at = Arc::as_ptr(&a);
-        // Held by the last (weakly) only: given back once a newer one is the last.
-        let b = View::plain("c", b"second", QoS::AtLeastOnce).to_message_in(&mut made);
+        // Held by no one else, even as the last one made: kept.
         made.give_back(a);
         let c =
             View { origin: Some((1, 2)), ..View::plain("a/b", b"third", QoS::ExactlyOnce) }.to_message_in(&mut made);
@@ -161,8 +169,6 @@ mod tests {
             (&*c.topic, &c.payload[..], c.qos, c.origin),
             ("a/b", &b"third"[..], QoS::ExactlyOnce, Some((1, 2)))
         );
-        // c is kept once another is the last one made.
-        let e = View::plain("e", b"fifth", QoS::AtLeastOnce).to_message_in(&mut made);
         made.give_back(c);
         // A different topic is replaced, the payload too.
         let d = View::plain("x", b"fourth", QoS::AtLeastOnce).to_message_in(&mut made);
@@ -172,11 +178,23 @@ mod tests {
         let held = d.clone();
         made.give_back(d);
         assert!(made.spare.is_empty());
-        // The last one made is not kept: the next may share its topic.
-        let f = View::plain("f", b"sixth", QoS::AtLeastOnce).to_message_in(&mut made);
-        made.give_back(f);
+        // With 5.0 properties: not kept.
+        let props = crate::codec::Properties::default();
+        let p = View { properties: Some(&props), ..View::plain("p", b"5", QoS::AtLeastOnce) }.to_message_in(&mut made);
+        made.give_back(p);
         assert!(made.spare.is_empty());
-        drop((held, b, e));
+        drop(held);
+    }
+
+    #[test]
+    fn a_run_on_one_topic_shares_its_topic() {
+        let mut made = Made::default();
+        let a = View::plain("run/topic", b"1", QoS::AtLeastOnce).to_message_in(&mut made);
+        let b = View::plain("run/topic", b"2", QoS::AtLeastOnce).to_message_in(&mut made);
+        assert_eq!(a.topic.as_ptr(), b.topic.as_ptr(), "one topic allocation for the run");
+        let c = View::plain("other", b"3", QoS::AtLeastOnce).to_message_in(&mut made);
+        assert_ne!(a.topic.as_ptr(), c.topic.as_ptr());
+        assert_eq!((&*a.topic, &*b.topic, &*c.topic), ("run/topic", "run/topic", "other"));
     }
 
     #[test]
