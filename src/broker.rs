@@ -98,7 +98,6 @@ pub struct Shared {
     pub recovery: Option<Arc<crate::worker::RecoveryPlan>>,
 }
 
-/// Which of `workers` a key (a client id, a shared group) lives on.
 /// The hash that places sessions and shared groups: keyed by `placement_seed` when set, else
 /// random.
 fn placement(seed: Option<u64>) -> ahash::RandomState {
@@ -114,6 +113,7 @@ fn placement(seed: Option<u64>) -> ahash::RandomState {
     }
 }
 
+/// Which of `workers` a key (a client id, a shared group) lives on.
 fn home(hasher: &ahash::RandomState, workers: usize, key: impl std::hash::Hash) -> usize {
     (hasher.hash_one(key) % workers as u64) as usize
 }
