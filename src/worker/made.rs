@@ -17,28 +17,32 @@ use super::deliver::View;
 use crate::codec::MqttStr;
 use crate::session::Message;
 
-/// Messages kept to be made again: at most this many, each with a payload of at most
-/// `SPARE_PAYLOAD` bytes, and at most `SPARE_BYTES` of them counting each as its payload and
-/// `SPARE_OVERHEAD` (the message, its buffers up to twice its payload, `View::payload_in`: about
-/// 2 MiB at most). A batch from a peer brings hundreds of messages at once and their
-/// acknowledgements come back in runs, so the pool must hold more than one batch's worth: with
-/// 256, 50 pairs QoS 1 with 2 workers found it full on about a third of the acknowledgements,
-/// and made as many new messages.
+/// Messages kept to be made again: at most `SPARE`, and at most `SPARE_BYTES` counting each by
+/// its `weight`; one whose topic and payload together pass `SPARE_PAYLOAD` is not kept. A batch
+/// from a peer brings hundreds of messages at once and their acknowledgements come back in runs,
+/// so the pool must hold more than one batch's worth: with 256, 50 pairs QoS 1 with 2 workers
+/// found it full on about a third of the acknowledgements, and made as many new messages. What
+/// the pool holds is at most about 2 MiB: a spare's payload buffer is at most twice its payload
+/// (`View::payload_in`), and `SPARE_OVERHEAD` stands for the message itself.
 const SPARE: usize = 4096;
 const SPARE_PAYLOAD: usize = 4096;
 const SPARE_BYTES: usize = 1 << 20;
 const SPARE_OVERHEAD: usize = 256;
 
-/// What a spare message counts against `SPARE_BYTES`.
+/// What a spare message counts against `SPARE_BYTES`: its topic too, which a client chooses (up
+/// to 64 KiB) and a spare keeps until it is made again.
 fn weight(m: &Message) -> usize {
-    m.payload.len() + SPARE_OVERHEAD
+    m.topic.len() + m.payload.len() + SPARE_OVERHEAD
 }
 
 /// What a worker made and got back: the topic of the last message made, which the next may
 /// share, and the spare messages, acknowledged by the only session that held them.
 #[derive(Default)]
 pub(super) struct Made {
-    last_topic: Option<MqttStr>,
+    /// The topic being shared: a run of messages on it.
+    shared_topic: Option<MqttStr>,
+    /// The last topic made, as text: a second message on it starts sharing.
+    last_topic: String,
     spare: Vec<Arc<Message>>,
     /// Their `weight`s, summed.
     bytes: usize,
@@ -64,7 +68,7 @@ impl Made {
             && Arc::strong_count(&msg) == 1
             && Arc::weak_count(&msg) == 0
             && msg.properties.is_none()
-            && msg.payload.len() <= SPARE_PAYLOAD
+            && msg.topic.len() + msg.payload.len() <= SPARE_PAYLOAD
             && self.bytes + weight(&msg) <= SPARE_BYTES
         {
             self.bytes += weight(&msg);
@@ -72,17 +76,24 @@ impl Made {
         }
     }
 
-    /// The topic for a message made on `topic`: the last one made, shared, when it is the same
-    /// (a run of messages on one topic, as one client's read brings, allocates it once).
+    /// The topic for a message made on `topic`: shared with the messages before it on the same
+    /// topic (a run, as one client's read brings, allocates it twice however long it is). A lone
+    /// message allocates its topic and nothing more: sharing needs a second reference, which
+    /// turns the topic's buffer into a shared one (an allocation and an atomic), so it starts
+    /// with the second message of a run.
     fn topic(&mut self, topic: &str) -> MqttStr {
-        match &self.last_topic {
-            Some(t) if **t == *topic => t.clone(),
-            _ => {
-                let t = MqttStr::from(topic);
-                self.last_topic = Some(t.clone());
-                t
-            }
+        if let Some(t) = self.shared_topic.as_ref().filter(|t| ***t == *topic) {
+            return t.clone();
         }
+        let t = MqttStr::from(topic);
+        if self.last_topic == topic {
+            self.shared_topic = Some(t.clone());
+        } else {
+            self.shared_topic = None;
+            self.last_topic.clear();
+            self.last_topic.push_str(topic);
+        }
+        t
     }
 
     /// Frees the spare messages not drawn on since the last call (the tick's): a steady flow
@@ -187,14 +198,18 @@ mod tests {
     }
 
     #[test]
-    fn a_run_on_one_topic_shares_its_topic() {
+    fn a_run_on_one_topic_shares_its_topic_from_its_second_message() {
         let mut made = Made::default();
         let a = View::plain("run/topic", b"1", QoS::AtLeastOnce).to_message_in(&mut made);
         let b = View::plain("run/topic", b"2", QoS::AtLeastOnce).to_message_in(&mut made);
-        assert_eq!(a.topic.as_ptr(), b.topic.as_ptr(), "one topic allocation for the run");
-        let c = View::plain("other", b"3", QoS::AtLeastOnce).to_message_in(&mut made);
-        assert_ne!(a.topic.as_ptr(), c.topic.as_ptr());
-        assert_eq!((&*a.topic, &*b.topic, &*c.topic), ("run/topic", "run/topic", "other"));
+        let c = View::plain("run/topic", b"3", QoS::AtLeastOnce).to_message_in(&mut made);
+        assert_ne!(a.topic.as_ptr(), b.topic.as_ptr(), "a lone message's topic is its own");
+        assert_eq!(b.topic.as_ptr(), c.topic.as_ptr(), "from the second on, one topic for the run");
+        let d = View::plain("other", b"4", QoS::AtLeastOnce).to_message_in(&mut made);
+        let e = View::plain("run/topic", b"5", QoS::AtLeastOnce).to_message_in(&mut made);
+        assert_ne!(e.topic.as_ptr(), c.topic.as_ptr(), "another topic ended the run");
+        let all = [&a, &b, &c, &d, &e].map(|m| m.topic.to_string());
+        assert_eq!(all, ["run/topic", "run/topic", "run/topic", "other", "run/topic"]);
     }
 
     #[test]
@@ -206,11 +221,22 @@ mod tests {
         for _ in 0..SPARE + 10 {
             made.give_back(View::plain("t", b"p", QoS::AtLeastOnce).to_message());
         }
-        assert_eq!(made.spare.len(), SPARE.min(SPARE_BYTES / (1 + SPARE_OVERHEAD)), "bounded by count or bytes");
+        assert_eq!(made.spare.len(), SPARE.min(SPARE_BYTES / (2 + SPARE_OVERHEAD)), "bounded by count or bytes");
         assert!(made.spare.len() > 1000, "more than a batch's worth of small messages");
-        assert_eq!(made.bytes, made.spare.len() * (1 + SPARE_OVERHEAD));
+        assert_eq!(made.bytes, made.spare.len() * (2 + SPARE_OVERHEAD));
+        // A client's long topic counts: 4 KiB topics are kept by bytes, longer ones not at all.
+        let mut long = Made::default();
+        let topic = "t".repeat(SPARE_PAYLOAD - 1);
+        for _ in 0..SPARE {
+            long.give_back(View::plain(&topic, b"p", QoS::AtLeastOnce).to_message());
+        }
+        assert_eq!(long.spare.len(), SPARE_BYTES / (SPARE_PAYLOAD + SPARE_OVERHEAD));
+        let longer = "t".repeat(SPARE_PAYLOAD);
+        let mut none = Made::default();
+        none.give_back(View::plain(&longer, b"p", QoS::AtLeastOnce).to_message());
+        assert!(none.spare.is_empty(), "topic and payload past SPARE_PAYLOAD: not kept");
         let mut large = Made::default();
-        let payload = vec![0u8; SPARE_PAYLOAD];
+        let payload = vec![0u8; SPARE_PAYLOAD - 1];
         for _ in 0..SPARE {
             large.give_back(View::plain("t", &payload, QoS::AtLeastOnce).to_message());
         }

@@ -156,7 +156,8 @@ struct Scratch {
     peers: Vec<u16>,
     groups: Vec<crate::router::GroupId>,
     mail: Vec<(u16, Mail)>,
-    /// The messages made for what keeps them, the last and the spare (`View::to_message_in`).
+    /// The messages made for what keeps them: the topic a run shares and the spare messages
+    /// (`View::to_message_in`).
     made: made::Made,
     /// Sleeping peers this turn sent mail to.
     due: Vec<usize>,
