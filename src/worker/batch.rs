@@ -78,7 +78,8 @@ impl Source {
 /// Messages on their way to one peer, in routing order.
 #[derive(Default)]
 pub struct Batch {
-    pub buf: Vec<u8>,
+    /// Whole records, each written by `append` (only `push` writes it): `read` relies on that.
+    buf: Vec<u8>,
     pub count: u32,
     /// Every message in it is QoS 0: it may be dropped whole when the peer cannot take it.
     pub qos0_only: bool,
@@ -92,6 +93,24 @@ impl Batch {
         self.qos0_only &= m.qos == QoS::AtMostOnce;
         self.count += 1;
         append(&mut self.buf, m, seq);
+    }
+
+    /// Bytes it holds, and room for them.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve(bytes);
+    }
+
+    #[cfg(test)]
+    pub fn as_ptr(&self) -> *const u8 {
+        self.buf.as_ptr()
     }
 
     /// Empties it, keeping its buffer.
@@ -147,8 +166,9 @@ pub fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
 }
 
 /// The message at the start of `b`, its sequence number and its length; None at the end (or, never
-/// expected, a record this module did not write).
-pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
+/// expected, a record this module did not write). `b` starts at a record `append` wrote into a
+/// batch's buffer.
+fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
     if b.len() < HEAD {
         return None;
     }
@@ -162,7 +182,12 @@ pub fn read(b: &[u8]) -> Option<(View<'_>, u32, usize)> {
     let seq = u32::from_le_bytes(field(b, 5));
     let stamp = u64::from_le_bytes(field(b, 9));
     let Source { origin, publisher, read_at } = Source::get(&b[17..17 + SOURCE], flags);
-    let topic = std::str::from_utf8(&b[HEAD..HEAD + topic_len]).ok()?;
+    let topic = &b[HEAD..HEAD + topic_len];
+    debug_assert!(std::str::from_utf8(topic).is_ok());
+    // SAFETY: a batch's buffer is private and only `append` writes it, copying the topic from a
+    // `&str`; `b` starts at one of its records, so these bytes are that topic. Checking it again
+    // cost every crossing message about 2 ns (a tenth of reading it from the batch).
+    let topic = unsafe { std::str::from_utf8_unchecked(topic) };
     // Not retained, no properties, no expiry: only plain messages are written (`fits`).
     let view =
         View { topic, payload: &b[HEAD + topic_len..len], qos, origin, publisher, stamp, read_at, ..View::default() };

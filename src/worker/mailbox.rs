@@ -236,7 +236,7 @@ impl Mailbox {
         // Sent before it would pass `BATCH_BYTES`, not after: a buffer of that size never grows
         // (a regrowth copies it and, past twice that, it is not reused but freed). A batch being
         // filled holds at least one message, so a larger message still goes.
-        if self.batches[to].as_ref().is_some_and(|b| b.buf.len() + size > BATCH_BYTES) {
+        if self.batches[to].as_ref().is_some_and(|b| b.bytes() + size > BATCH_BYTES) {
             self.send_batch(to);
         }
         let b = match &mut self.batches[to] {
@@ -245,7 +245,7 @@ impl Mailbox {
                 // As large as the last batch to this peer (to a power of two): a trickle
                 // allocates little, a flood allocates once, `BATCH_BYTES`.
                 let mut b = Box::<Batch>::default();
-                b.buf.reserve(size.max(self.last_batch[to].next_power_of_two().min(BATCH_BYTES)));
+                b.reserve(size.max(self.last_batch[to].next_power_of_two().min(BATCH_BYTES)));
                 b
             })),
         };
@@ -255,7 +255,7 @@ impl Mailbox {
     /// Sends the batch for `to`, if it holds anything.
     fn send_batch(&mut self, to: usize) {
         if let Some(b) = self.batches[to].take() {
-            self.last_batch[to] = b.buf.len().min(2 * BATCH_BYTES);
+            self.last_batch[to] = b.bytes().min(2 * BATCH_BYTES);
             self.push_or_hold(to, Mail::Batch(b));
         }
     }
@@ -267,7 +267,7 @@ impl Mailbox {
     pub fn give_back(&mut self, from: usize, mut b: Box<Batch>) {
         // By what it carried, not by its buffer: a large buffer the sender reused for a trickle
         // would otherwise come back after every message, two ring slots per batch.
-        if b.buf.len() < GIVE_BACK_BYTES {
+        if b.bytes() < GIVE_BACK_BYTES {
             return;
         }
         b.clear();
@@ -280,7 +280,7 @@ impl Mailbox {
 
     /// A batch given back by `from`, kept for the next batch to it (a few, of bounded size).
     pub fn reuse(&mut self, from: usize, b: Box<Batch>) {
-        if self.pool[from].len() < POOL && b.buf.capacity() <= 2 * BATCH_BYTES {
+        if self.pool[from].len() < POOL && b.capacity() <= 2 * BATCH_BYTES {
             self.pool[from].push(b);
         }
     }
@@ -348,7 +348,7 @@ impl Mailbox {
             return;
         }
         if let Mail::Batch(b) = &mail {
-            self.held_bytes[to] += b.buf.len();
+            self.held_bytes[to] += b.bytes();
         }
         self.overflow[to].push_back(mail);
     }
@@ -369,7 +369,7 @@ impl Mailbox {
     pub fn send_overflow(&mut self) {
         for to in 0..self.overflow.len() {
             while let Some(mail) = self.overflow[to].pop_front() {
-                let bytes = if let Mail::Batch(b) = &mail { b.buf.len() } else { 0 };
+                let bytes = if let Mail::Batch(b) = &mail { b.bytes() } else { 0 };
                 match self.push(to, mail) {
                     Ok(()) => self.held_bytes[to] -= bytes,
                     Err(mail) => {
@@ -504,13 +504,13 @@ mod tests {
             m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
         }
         let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a full batch") };
-        assert!(b.buf.len() <= BATCH_BYTES, "sent before it passes BATCH_BYTES");
+        assert!(b.bytes() <= BATCH_BYTES, "sent before it passes BATCH_BYTES");
         // The next one after a full one is allocated at BATCH_BYTES and never grows.
         for i in 0..BATCH_BYTES / 1000 {
             m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), i as u32);
         }
         let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a second full batch") };
-        assert_eq!(b.buf.capacity(), BATCH_BYTES);
+        assert_eq!(b.capacity(), BATCH_BYTES);
     }
 
     #[test]
@@ -520,16 +520,16 @@ mod tests {
         m.publish(0, &plain(&big, crate::codec::QoS::AtMostOnce), 1);
         m.send_batches();
         let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a batch") };
-        let buf = b.buf.as_ptr();
+        let buf = b.as_ptr();
         // The reader gives a batch that carried 4 KiB or more back, emptied.
         m.give_back(0, b);
         let Some(Mail::Spent(b)) = to_zero.pop() else { panic!("given back") };
-        assert_eq!((b.count, b.buf.len()), (0, 0));
+        assert_eq!((b.count, b.bytes()), (0, 0));
         m.reuse(0, b);
         m.publish(0, &plain("b", crate::codec::QoS::AtMostOnce), 2);
         m.send_batches();
         let Some(Mail::Batch(b)) = to_zero.pop() else { panic!("a batch") };
-        assert_eq!((b.buf.as_ptr(), b.count), (buf, 1), "the same buffer, filled again");
+        assert_eq!((b.as_ptr(), b.count), (buf, 1), "the same buffer, filled again");
         // It carried one small message: freed by the reader, however large its buffer.
         m.give_back(0, b);
         assert!(to_zero.pop().is_none());
