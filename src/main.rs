@@ -16,6 +16,7 @@ A mosquitto.conf is read too (-c /etc/mosquitto/mosquitto.conf; --print-config s
   bind, port, plain_listener      the plain MQTT listener (default 127.0.0.1:1883; false: none)
   workers, pin_workers            event loops (0 = one per core), pinned to cores
   arrival_order                   order SUBSCRIBEs and PUBLISHes across workers by arrival
+  worker_scheduling               auto, batch or normal: SCHED_BATCH for workers (auto: as many as CPUs)
   placement_seed                  fixed key for placing sessions on workers (benchmarks)
   log_level, log_file, pid_file   error, warn, info, debug, trace, off; log to a file; pid file
   max_connections, connect_timeout, max_packet_size, message_size_limit, max_inflight_messages,

@@ -15,6 +15,43 @@ use bytes::{Bytes, BytesMut};
 use common::*;
 use tern::codec::*;
 
+/// The scheduling policy of each `tern-worker-N` thread of process `pid`, as /proc tells it
+/// (field 41 of `stat`: 0 normal, 3 batch).
+fn worker_policies(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        // The name is in parentheses and may hold spaces; the fields after it are plain.
+        let (name, rest) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") ")).unwrap();
+        if name.starts_with("tern-worker-") {
+            // `rest` starts at field 3 (state), so field 41 is its 39th.
+            out.push(rest.split_whitespace().nth(38).unwrap().parse().unwrap());
+        }
+    }
+    out
+}
+
+/// `worker_scheduling`: batch makes every worker thread SCHED_BATCH (3), normal leaves them
+/// SCHED_OTHER (0), and auto picks batch when the workers are at least the CPUs.
+#[test]
+fn worker_threads_are_scheduled_as_configured() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (setting, workers, want) in [("batch", 2, 3), ("normal", 2, 0), ("auto", cpus, 3), ("auto", cpus + 1, 3)] {
+        let config = format!("workers = {workers}\nworker_scheduling = \"{setting}\"\npin_workers = false\n");
+        let (mut child, _port, _dir) = spawn_tern(&[], &config);
+        // Each worker thread sets its policy as it starts, maybe after the broker says it listens.
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut policies = worker_policies(child.id());
+        while policies != vec![want; workers] && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+            policies = worker_policies(child.id());
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(policies, vec![want; workers], "{setting} with {workers} workers");
+    }
+}
+
 /// A worker with mail for a sleeping peer runs the peer's turn itself instead of waking it: at a
 /// trickle, messages that cross workers arrive, in order, and `$SYS/broker/internal/helped_turns`
 /// counts the turns so run; `$SYS/broker/internal/crossed` counts the messages that went to

@@ -29,6 +29,11 @@ pub struct Config {
     /// With more than one worker: while the load is light, worker 0's thread serves the workers
     /// whose threads are mostly idle, so fewer threads sleep and wake (`worker::host`).
     pub host_idle_workers: bool,
+    /// How the kernel schedules worker threads: `batch` (SCHED_BATCH: a worker woken by a
+    /// packet does not preempt the thread running on its CPU, it runs when that one sleeps or at
+    /// the next tick), `normal`, or `auto`: batch when the workers leave no CPU of the process's
+    /// without one (every worker count from the number of CPUs up), normal when fewer.
+    pub worker_scheduling: String,
     /// With more than one worker: the key of the hash that gives each client id (and shared
     /// group) its worker. Unset, a random one per start, so no one can choose client ids that all
     /// land on one worker; set, the same sessions share a worker at every start of the same
@@ -402,6 +407,7 @@ impl Default for Config {
             pin_workers: true,
             arrival_order: true,
             host_idle_workers: true,
+            worker_scheduling: "auto".into(),
             placement_seed: None,
             log_level: "info".into(),
             log_file: None,
@@ -514,6 +520,9 @@ impl Config {
         if !matches!(self.acl_denial_reason.as_str(), "not_authorized" | "unspecified") {
             return bad("acl_denial_reason", "expected not_authorized or unspecified");
         }
+        if !matches!(self.worker_scheduling.as_str(), "auto" | "batch" | "normal") {
+            return bad("worker_scheduling", "expected auto, batch or normal");
+        }
         if !matches!(self.slow_subscriber_policy.as_str(), "drop" | "disconnect") {
             return bad("slow_subscriber_policy", "expected drop or disconnect");
         }
@@ -611,6 +620,15 @@ impl Config {
         }
     }
 
+    /// Whether worker threads run as SCHED_BATCH (`worker_scheduling`).
+    pub fn batch_scheduling(&self) -> bool {
+        match self.worker_scheduling.as_str() {
+            "batch" => true,
+            "normal" => false,
+            _ => self.worker_count() >= std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout)
     }
@@ -679,6 +697,23 @@ mod tests {
         assert!(parse_expiration("0d").is_err());
         let e = Config::from_toml("persistent_client_expiration = \"5x\"").unwrap_err().to_string();
         assert!(e.contains("persistent_client_expiration"), "{e}");
+    }
+
+    #[test]
+    fn worker_scheduling_is_auto_batch_or_normal() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let c = Config::from_toml("workers = 0\n").unwrap();
+        assert!(c.batch_scheduling(), "auto: one worker per CPU leaves none free");
+        let c = Config::from_toml(&format!("workers = {}\n", cpus + 1)).unwrap();
+        assert!(c.batch_scheduling(), "auto: more workers than CPUs");
+        if cpus > 1 {
+            let c = Config::from_toml(&format!("workers = {}\n", cpus - 1)).unwrap();
+            assert!(!c.batch_scheduling(), "auto: fewer workers than CPUs");
+        }
+        assert!(Config::from_toml("worker_scheduling = \"batch\"\nworkers = 1\n").unwrap().batch_scheduling());
+        assert!(!Config::from_toml("worker_scheduling = \"normal\"\nworkers = 0\n").unwrap().batch_scheduling());
+        let e = Config::from_toml("worker_scheduling = \"fifo\"\n").unwrap_err().to_string();
+        assert!(e.contains("worker_scheduling") && e.contains("auto, batch or normal"), "{e}");
     }
 
     #[test]
