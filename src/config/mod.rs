@@ -243,7 +243,7 @@ impl BridgeConfig {
 
     fn validate(&self, i: usize) -> Result<(), ConfigError> {
         let bad = |why: String| {
-            Err(ConfigError::Invalid { key: "bridge", why: format!("bridge {} ({}): {why}", i + 1, self.name) })
+            Err(ConfigError::Invalid { key: "bridge", nth: i, why: format!("bridge {} ({}): {why}", i + 1, self.name) })
         };
         if self.name.is_empty() || self.name.contains(['/', '+', '#']) {
             return bad("`name` must be non-empty, without / + #".into());
@@ -367,8 +367,9 @@ impl ListenerConfig {
     }
 
     fn validate(&self, i: usize) -> Result<(), ConfigError> {
-        let bad =
-            |why: String| Err(ConfigError::Invalid { key: "listener", why: format!("listener {}: {why}", i + 1) });
+        let bad = |why: String| {
+            Err(ConfigError::Invalid { key: "listener", nth: i, why: format!("listener {}: {why}", i + 1) })
+        };
         if self.protocol == Protocol::Http && (self.is_tls() || self.cafile.is_some() || self.require_certificate) {
             return bad("`protocol = \"http\"` (metrics and status page) is plain HTTP: no TLS keys".into());
         }
@@ -395,6 +396,29 @@ impl ListenerConfig {
         }
         Ok(())
     }
+}
+
+/// The line (from 1) of a TOML file that sets `key`: the `nth` `[[key]]` table for a listener or
+/// bridge, else the top-level `key = ...` (before any table).
+fn line_of(text: &str, key: &str, nth: usize) -> Option<usize> {
+    let header = format!("[[{key}]]");
+    let mut tables = 0;
+    let mut top = true;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            if l.replace([' ', '\t'], "") == header {
+                if tables == nth {
+                    return Some(i + 1);
+                }
+                tables += 1;
+            }
+            top = false;
+        } else if top && l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 impl Default for Config {
@@ -454,8 +478,12 @@ pub enum ConfigError {
     Read { path: String, err: std::io::Error },
     #[error("config file {path}: {err}")]
     Parse { path: String, err: String },
+    /// `nth`: which `[[key]]` table (a listener's or bridge's index), 0 for a top-level key.
     #[error("invalid value for `{key}`: {why}")]
-    Invalid { key: &'static str, why: String },
+    Invalid { key: &'static str, nth: usize, why: String },
+    /// An error in a TOML file, at the line that sets the key.
+    #[error("config file {file} line {line}: `{key}`: {why}")]
+    At { file: String, line: usize, key: String, why: String },
     #[error("{file} line {line}: `{option}`: {why}")]
     Mosquitto { file: String, line: usize, option: String, why: String },
 }
@@ -469,8 +497,24 @@ impl Config {
         if mosquitto::looks_like(path, &text) {
             return mosquitto::parse(path, &text);
         }
+        let file = path.display().to_string();
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { err, .. } => ConfigError::Parse { path: path.display().to_string(), err },
+            // Point at the line that sets the key (TOML's own syntax errors already say where).
+            ConfigError::Invalid { key, nth, why } => match line_of(&text, key, nth) {
+                Some(line) => ConfigError::At { file, line, key: key.into(), why },
+                None => ConfigError::Parse { path: file, err: format!("invalid value for `{key}`: {why}") },
+            },
+            ConfigError::Parse { err, .. } => {
+                // "`key`: why" (a bad value), or "unknown field `key`, expected ...".
+                let named = match err.strip_prefix("unknown field `") {
+                    Some(rest) => rest.split_once('`').map(|(key, _)| (key, err.as_str())),
+                    None => err.strip_prefix('`').and_then(|r| r.split_once("`: ")),
+                };
+                match named.and_then(|(key, why)| Some((key, why, line_of(&text, key, 0)?))) {
+                    Some((key, why, line)) => ConfigError::At { file, line, key: key.into(), why: why.into() },
+                    None => ConfigError::Parse { path: file, err },
+                }
+            }
             other => other,
         })
     }
@@ -495,7 +539,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key, why: &str| Err(ConfigError::Invalid { key, why: why.to_string() });
+        let bad = |key, why: &str| Err(ConfigError::Invalid { key, nth: 0, why: why.to_string() });
         if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace" | "off") {
             return bad("log_level", "expected one of error, warn, info, debug, trace, off");
         }
@@ -697,6 +741,29 @@ mod tests {
         assert!(parse_expiration("0d").is_err());
         let e = Config::from_toml("persistent_client_expiration = \"5x\"").unwrap_err().to_string();
         assert!(e.contains("persistent_client_expiration"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_in_a_file_is_refused_naming_file_line_and_key() {
+        let dir = std::env::temp_dir().join(format!("tern-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tern.toml");
+        let at = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Config::from_file(&file).unwrap_err().to_string()
+        };
+        let e = at("port = 1883\n\n  worker_scheduling = \"fifo\"\n");
+        assert!(e.contains("tern.toml line 3: `worker_scheduling`: expected auto, batch or normal"), "{e}");
+        let e = at("port = 1883\nworkers = \"x\"\n");
+        assert!(e.contains("tern.toml line 2: `workers`:"), "{e}");
+        let e = at("port = 1883\n\nwrokers = 2\n");
+        assert!(e.contains("tern.toml line 3: `wrokers`: unknown field `wrokers`"), "{e}");
+        // The key itself, not a longer one it begins.
+        let e = at("persistence_interval = 5\npersistence = \"sometimes\"\n");
+        assert!(e.contains("tern.toml line 2: `persistence`"), "{e}");
+        let e = at("[[listener]]\nport = 9001\n\n[[listener]]\nport = 9002\nkeyfile = \"k.pem\"\n");
+        assert!(e.contains("tern.toml line 4: `listener`: listener 2:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
