@@ -398,6 +398,11 @@ impl ListenerConfig {
     }
 }
 
+/// The CPUs this process may run on (its affinity mask and cgroup quota): `workers = 0`'s count.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The line (from 1) of a TOML file that sets `key`: the `nth` `[[key]]` table for a listener or
 /// bridge, else the top-level `key = ...` (before any table).
 fn line_of(text: &str, key: &str, nth: usize) -> Option<usize> {
@@ -658,7 +663,7 @@ impl Config {
 
     pub fn worker_count(&self) -> usize {
         if self.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            cpus()
         } else {
             self.workers
         }
@@ -669,7 +674,7 @@ impl Config {
         match self.worker_scheduling.as_str() {
             "batch" => true,
             "normal" => false,
-            _ => self.worker_count() >= std::thread::available_parallelism().map_or(1, |n| n.get()),
+            _ => self.worker_count() >= cpus(),
         }
     }
 
@@ -768,7 +773,7 @@ mod tests {
 
     #[test]
     fn worker_scheduling_is_auto_batch_or_normal() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = cpus();
         let c = Config::from_toml("workers = 0\n").unwrap();
         assert!(c.batch_scheduling(), "auto: one worker per CPU leaves none free");
         let c = Config::from_toml(&format!("workers = {}\n", cpus + 1)).unwrap();
