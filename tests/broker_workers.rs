@@ -206,7 +206,26 @@ fn a_subscribe_that_arrived_first_gets_the_message_without_waiting_for_its_subac
             acks.push(id);
         }
         let qos = if round % 2 == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-        pubs[round % 8].publish(&topic, format!("m{round}"), qos, false);
+        let p = &mut pubs[round % 8];
+        if round % 3 == 2 {
+            // At the end of one write of more than 4 KiB (nobody's filler first): one read,
+            // whose messages the broker lists where they lie in it rather than one by one.
+            let mut burst = BytesMut::new();
+            for _ in 0..40 {
+                Packet::Publish(Publish::new("filler/early", QoS::AtMostOnce, Bytes::from(vec![b'f'; 128])))
+                    .encode(ProtocolVersion::V311, &mut burst);
+            }
+            let mut m = Publish::new(topic.as_str(), qos, Bytes::from(format!("m{round}")));
+            m.packet_id = (qos != QoS::AtMostOnce).then(|| p.id());
+            let id = m.packet_id;
+            Packet::Publish(m).encode(ProtocolVersion::V311, &mut burst);
+            p.send_raw(&burst).unwrap();
+            if let Some(id) = id {
+                p.recv_where(|a| matches!(a, Packet::PubAck(a) if a.packet_id == id));
+            }
+        } else {
+            p.publish(&topic, format!("m{round}"), qos, false);
+        }
         let mut got = false;
         while !(acks.is_empty() && got) {
             match sub.recv() {

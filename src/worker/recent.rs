@@ -2,46 +2,52 @@
 //! (`catchup` says why and how it is asked). It owns the list and its bounds, nothing else: it
 //! never sends or delivers.
 //!
-//! Listing is on the path of every PUBLISH a client sends, so it costs one copy and nothing more:
-//! each message goes to the end of a log of chunks, as a record of what is its own (peers it was
-//! sent to, QoS, stamp, topic, payload) behind a run head of what the messages of one read share
-//! (arrival stamp, origin, publisher, read time), written once per run. Its sequence number is its
-//! place in the log. No allocation per message, no index beside the log: records are in sequence
-//! order, so the oldest is at the front, the count is a difference of sequence numbers, and
-//! trimming moves the front forward, dropping a chunk once it holds nothing listed. A message that
-//! is not plain (`batch::fits`: 5.0 properties or an expiry) keeps its shared copy on a side
-//! list, and what catching up has given to whom is kept on another, both rare.
+//! Listing is on the path of every PUBLISH a client sends, and the list is read only when a
+//! SUBSCRIBE asks, so listing does as little as it can per message, and copies nothing when it
+//! can keep what was read. A read of a connection, from its first PUBLISH on, is a pass
+//! (`begin_pass`): each message routed from it becomes a small entry (where its topic and
+//! payload lie, its QoS) in a segment whose peers-sent-to and run (arrival stamp, origin,
+//! publisher, read time: one per read) are kept once for consecutive entries; when the pass
+//! ends, the bytes as read are kept with it (`Bytes` that share the read buffer, which the next
+//! reads leave for a new one), counted as all the buffer memory they keep. A short read (a
+//! message or two at a steady rate, `PASS_MIN`) and a message from anywhere else (a will,
+//! `$SYS`, a bridge's remapped topic) are copied, message after message, into a segment of
+//! copies instead. No allocation per message. Segments hold consecutive sequence numbers, so
+//! the oldest is at the front, a message's number is its place, and trimming drops a whole
+//! segment once it holds nothing listed. A message that is not plain (`batch::fits`: 5.0
+//! properties or an expiry) keeps its shared copy on a side list, as does a message's stamp
+//! (`Message::stamp`, with a durable store) and what catching up has given to whom, all rare.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::batch::{self, field, Source, SOURCE};
+use bytes::Bytes;
+
+use super::batch::{self, Source};
 use super::deliver::View;
 use crate::codec::QoS;
 use crate::session::Message;
 
 /// How long a routed message stays on the list, by its arrival stamp.
 pub const WINDOW_NS: u64 = 500_000_000;
-/// At most this many messages, and this many bytes of log, stay on the list.
+/// At most this many messages, and this many bytes, stay on the list.
 pub const MAX_ENTRIES: usize = 4096;
 pub const MAX_BYTES: usize = 8 << 20;
 /// Sessions one message is remembered as given to; past it the message is caught up no more, so
 /// SUBSCRIBEs from many sessions cannot grow an entry without end.
 pub const GIVEN_MAX: usize = 64;
 
-/// Log chunks are this large (a larger message gets a chunk of its own): the list holds at most
-/// one chunk more than its bounds.
+/// A segment of copies holds this many bytes (a larger message gets one of its own) and at
+/// most `SEGMENT_ENTRIES` entries: the list holds at most one segment more than its bounds.
 const CHUNK: usize = 64 * 1024;
-/// A message record: flags (QoS, on the shared side list), peers sent to, stamp, topic length,
-/// payload length; then topic and payload.
-const MSG_HEAD: usize = 1 + 8 + 8 + 2 + 4;
-const SHARED: u8 = 1 << 2;
-/// A run head: flags, arrival stamp, origin, publisher, read time. It comes before a run of
-/// messages that share them (one read of one connection), and at the start of each chunk.
-const RUN_HEAD: usize = 1 + 8 + SOURCE;
-const RUN_MARK: u8 = 1 << 7;
+const SEGMENT_ENTRIES: usize = 1024;
+/// A read shorter than this is copied message by message rather than kept: keeping it would
+/// pin a read buffer for a message or two.
+pub const PASS_MIN: usize = 4096;
+/// What an entry costs the list's byte bound.
+const ENTRY: usize = std::mem::size_of::<Entry>();
 
-/// What consecutive messages from one read share, written once for the run.
+/// What consecutive messages from one read share, kept once for the run.
 #[derive(Clone, Copy, Default)]
 struct Run {
     arrived: u64,
@@ -55,27 +61,89 @@ impl Run {
 
     /// Whether `m` belongs to this run: compared field by field as read from the message, not
     /// by building a `Run` for each one (most messages continue the run before them).
+    #[inline]
     fn continued_by(&self, m: &View<'_>) -> bool {
         self.arrived == m.arrived
             && self.source.publisher == m.publisher
             && self.source.read_at == m.read_at
             && self.source.origin == m.origin
     }
+}
 
-    fn head(&self) -> [u8; RUN_HEAD] {
-        let mut h = [0u8; RUN_HEAD];
-        h[0] = RUN_MARK | self.source.put(&mut h[9..9 + SOURCE]);
-        h[1..9].copy_from_slice(&self.arrived.to_le_bytes());
-        h
+/// One listed message: where its topic and payload lie in its segment's bytes, its QoS, and
+/// whether its shared copy is on the side list (then only its topic is in the bytes). The
+/// peers it was sent to and its run are kept once for consecutive entries that share them.
+#[derive(Clone, Copy)]
+struct Entry {
+    topic_at: u32,
+    payload_at: u32,
+    payload_len: u32,
+    topic_len: u16,
+    flags: u8,
+}
+
+/// `Entry::flags` beside the QoS.
+const SHARED: u8 = 1 << 2;
+
+/// A segment's bytes.
+enum Data {
+    /// A pass's bytes, as read.
+    Kept(Bytes),
+    /// Copies, one message after another.
+    Copied(Vec<u8>),
+}
+
+/// Consecutive entries, the bytes they point into, and what runs of them share.
+struct Segment {
+    /// The list-wide number of its first entry.
+    first: u64,
+    /// The latest arrival stamp in it.
+    newest: u64,
+    data: Data,
+    entries: Vec<Entry>,
+    /// Peers sent to (one bit per worker), from the entry each value starts at.
+    sent: Vec<(u32, u64)>,
+    /// Runs, from the entry each starts at.
+    runs: Vec<(u32, Run)>,
+    /// What it counts against `MAX_BYTES`.
+    bytes: usize,
+}
+
+impl Segment {
+    fn new(first: u64, data: Data, spare: &mut Vec<Vecs>) -> Segment {
+        let (entries, sent, runs) = spare.pop().unwrap_or_default();
+        Segment { first, newest: 0, data, entries, sent, runs, bytes: 0 }
     }
 
-    fn read(r: &[u8]) -> Option<Run> {
-        if r.len() < RUN_HEAD {
-            return None;
+    fn bytes(&self) -> &[u8] {
+        match &self.data {
+            Data::Kept(b) => b,
+            Data::Copied(v) => v,
         }
-        Some(Run { arrived: u64::from_le_bytes(field(r, 1)), source: Source::get(&r[9..9 + SOURCE], r[0]) })
+    }
+
+    /// Whether message `id` is the next entry of this segment.
+    fn next_is(&self, id: u64) -> bool {
+        self.first + self.entries.len() as u64 == id
+    }
+
+    /// Adds an entry; `m` is the message, `sent` where it went.
+    #[inline]
+    fn push(&mut self, e: Entry, sent: u64, m: &View<'_>) {
+        let i = self.entries.len() as u32;
+        if self.sent.last().is_none_or(|(_, s)| *s != sent) {
+            self.sent.push((i, sent));
+        }
+        if !self.runs.last().is_some_and(|(_, r)| r.continued_by(m)) {
+            self.runs.push((i, Run::of(m)));
+        }
+        self.entries.push(e);
+        self.newest = self.newest.max(m.arrived);
     }
 }
+
+/// A segment's emptied vectors, kept for another.
+type Vecs = (Vec<Entry>, Vec<(u32, u64)>, Vec<(u32, Run)>);
 
 /// A session, anywhere in the broker: (worker, session key, session uid).
 pub type Who = (u16, u32, u64);
@@ -91,14 +159,57 @@ pub struct Listed {
     id: u64,
 }
 
-/// A run of records, in list order.
-struct Chunk {
-    /// The list-wide number of its first record, and how many it holds.
-    first: u64,
-    count: u64,
-    /// The latest arrival stamp in it.
-    newest: u64,
-    buf: Vec<u8>,
+/// The read being handled: `len` bytes from address `base` in the read buffer, and the segment
+/// of the messages listed from it, which goes on the list when the pass ends.
+struct Pass {
+    base: usize,
+    len: usize,
+    segment: Segment,
+    /// Where the last entry was sent.
+    sent: u64,
+}
+
+impl Pass {
+    /// Where `s` is in the read, if it lies in it.
+    #[inline]
+    fn offset(&self, s: &[u8]) -> Option<u32> {
+        let a = s.as_ptr() as usize;
+        (a >= self.base && a + s.len() <= self.base + self.len).then(|| (a - self.base) as u32)
+    }
+
+    /// Lists a plain message that lies in the read, sent to `sent`, if it can be listed here:
+    /// the first, or the next number. One read of one connection is one run (its arrival
+    /// stamp, origin, publisher and read time do not change while it is handled), kept with
+    /// the first entry.
+    #[inline]
+    fn add(&mut self, m: &View<'_>, id: u64, sent: u64) -> bool {
+        let Some(topic_at) = self.offset(m.topic.as_bytes()) else { return false };
+        let payload_at = if m.payload.is_empty() { Some(topic_at) } else { self.offset(m.payload) };
+        let Some(payload_at) = payload_at else { return false };
+        let s = &mut self.segment;
+        let i = s.entries.len();
+        if i == 0 {
+            s.first = id;
+            s.newest = m.arrived;
+            s.runs.push((0, Run::of(m)));
+            s.sent.push((0, sent));
+            self.sent = sent;
+        } else if s.first + i as u64 != id || m.arrived != s.newest {
+            return false;
+        } else if sent != self.sent {
+            s.sent.push((i as u32, sent));
+            self.sent = sent;
+        }
+        debug_assert!(s.runs[0].1.continued_by(m), "one read, one run");
+        s.entries.push(Entry {
+            topic_at,
+            payload_at,
+            payload_len: m.payload.len() as u32,
+            topic_len: m.topic.len() as u16,
+            flags: m.qos as u8,
+        });
+        true
+    }
 }
 
 /// What a worker routed in the last moments.
@@ -106,19 +217,23 @@ pub struct Recent {
     /// `arrival_order` is on and there is more than one worker (at most 64: `sent` is one bit
     /// each).
     pub on: bool,
-    /// Oldest first; the list is trimmed a whole chunk at a time, so listing a message never
+    /// Oldest first; the list is trimmed a whole segment at a time, so listing a message never
     /// reads an old one.
-    chunks: VecDeque<Chunk>,
-    /// One emptied chunk, kept for the next.
-    spare: Option<Vec<u8>>,
-    /// The run the back chunk's last message belongs to.
-    run: Option<Run>,
-    /// Bytes in the chunks.
+    segments: VecDeque<Segment>,
+    /// Emptied vectors and one emptied copy buffer, kept for the next segments.
+    spare: Vec<Vecs>,
+    spare_copies: Option<Vec<u8>>,
+    /// The read being handled.
+    pass: Option<Pass>,
+    /// Bytes in the segments.
     bytes: usize,
     /// The list-wide number of the next record; the mail carries the low 32 bits.
     next: u64,
     /// Messages that are not plain, by list-wide number.
     shared: VecDeque<(u64, Arc<Message>)>,
+    /// The stamps (`Message::stamp`) of copied messages that have one, by list-wide number
+    /// (messages with one are not listed in a pass).
+    stamps: VecDeque<(u64, u64)>,
     /// Sessions already given a message by catching up: a second SUBSCRIBE of theirs within the
     /// window must not get it again.
     given: BTreeMap<u64, Vec<Who>>,
@@ -133,12 +248,14 @@ impl Recent {
     pub fn new(workers: usize, enabled: bool) -> Recent {
         Recent {
             on: enabled && workers > 1 && workers <= 64,
-            chunks: VecDeque::new(),
-            spare: None,
-            run: None,
+            segments: VecDeque::new(),
+            spare: Vec::new(),
+            spare_copies: None,
+            pass: None,
             bytes: 0,
             next: 1,
             shared: VecDeque::new(),
+            stamps: VecDeque::new(),
             given: BTreeMap::new(),
             taken: vec![0; workers],
             caught_up: 0,
@@ -147,7 +264,7 @@ impl Recent {
 
     /// The list-wide number of the oldest listed record.
     fn first(&self) -> u64 {
-        self.chunks.front().map_or(self.next, |c| c.first)
+        self.segments.front().map_or(self.next, |c| c.first)
     }
 
     pub fn len(&self) -> usize {
@@ -172,71 +289,116 @@ impl Recent {
         self.taken[peer]
     }
 
+    /// A read is handled from here: `read` is what is left of it. Its messages routed until
+    /// `end_pass` are listed where they lie in it, so until then the bytes must not change.
+    pub fn begin_pass(&mut self, read: &[u8]) {
+        if self.on && self.pass.is_none() && read.len() >= PASS_MIN && read.len() <= u32::MAX as usize {
+            let segment = Segment::new(0, Data::Copied(Vec::new()), &mut self.spare);
+            self.pass = Some(Pass { base: read.as_ptr() as usize, len: read.len(), segment, sent: 0 });
+        }
+    }
+
+    /// Whether the pass has messages listed in it, so its bytes must be kept (`end_pass`).
+    pub fn pass_listed(&self) -> bool {
+        self.pass.as_ref().is_some_and(|p| !p.segment.entries.is_empty())
+    }
+
+    /// The pass has ended; `kept` is its bytes up to where it ended, from its start, if it has
+    /// messages listed in it, with the memory they keep from being freed (the read buffer
+    /// from their start on: the next reads go to a new one), which is what they count against
+    /// `MAX_BYTES`. Its segment goes on the list in order.
+    pub fn end_pass(&mut self, kept: Option<(Bytes, usize)>) {
+        let Some(Pass { base, mut segment, .. }) = self.pass.take() else { return };
+        if segment.entries.is_empty() {
+            self.spare.push((segment.entries, segment.sent, segment.runs));
+            return;
+        }
+        // Without its bytes (not the pass's), its entries find nothing; it is trimmed as any.
+        if let Some((kept, pinned)) = kept.filter(|(b, _)| b.as_ptr() as usize == base) {
+            segment.bytes = kept.len().max(pinned);
+            segment.data = Data::Kept(kept);
+        }
+        segment.bytes += segment.entries.len() * ENTRY;
+        self.bytes += segment.bytes;
+        self.trim(segment.newest.saturating_sub(WINDOW_NS));
+        let at = self.segments.partition_point(|s| s.first < segment.first);
+        self.segments.insert(at, segment);
+    }
+
     /// Puts a routed message on the list, under the number `next_id` gave it.
     pub fn record(&mut self, m: &View<'_>, id: u64, peers: &[u16], shared: &mut Option<Arc<Message>>) {
         let sent = peers.iter().fold(0u64, |s, &p| s | 1 << p);
-        // A plain message is copied even when a shared copy exists (queued for a subscriber):
-        // holding it here would free thousands at once when a chunk goes, which glibc's
-        // allocator takes badly.
+        // A plain message is kept as bytes even when a shared copy exists (queued for a
+        // subscriber): holding it here would free thousands at once when a segment goes, which
+        // glibc's allocator takes badly.
         let plain = batch::fits(m);
+        if plain && m.stamp == 0 && self.pass.as_mut().is_some_and(|p| p.add(m, id, sent)) {
+            return;
+        }
         if !plain {
             self.shared.push_back((id, shared.get_or_insert_with(|| m.to_message()).clone()));
         }
+        if m.stamp != 0 {
+            self.stamps.push_back((id, m.stamp));
+        }
         // A message that is not plain is listed by its topic alone (for matching).
         let payload = if plain { m.payload } else { &[] };
-        let n = MSG_HEAD + m.topic.len() + payload.len();
-        // A chunk holds consecutive numbers (routing one message never routes another, but a
-        // chunk would not be misread if it did), and starts with a run head of its own.
-        if !self
-            .chunks
-            .back()
-            .is_some_and(|c| c.buf.capacity() - c.buf.len() >= RUN_HEAD + n && c.first + c.count == id)
-        {
+        let n = m.topic.len() + payload.len();
+        let fits_back = |s: &Segment| {
+            s.next_is(id)
+                && s.entries.len() < SEGMENT_ENTRIES
+                && matches!(&s.data, Data::Copied(v) if v.capacity() - v.len() >= n)
+        };
+        if !self.segments.back().is_some_and(fits_back) {
             self.trim(m.arrived.saturating_sub(WINDOW_NS));
-            let buf = match self.spare.take() {
-                Some(c) if c.capacity() >= RUN_HEAD + n => c,
-                _ => Vec::with_capacity(CHUNK.max(RUN_HEAD + n)),
+            let copies = match self.spare_copies.take() {
+                Some(v) if v.capacity() >= n => v,
+                _ => Vec::with_capacity(CHUNK.max(n)),
             };
-            self.chunks.push_back(Chunk { first: id, count: 0, newest: 0, buf });
-            self.run = None;
+            let s = Segment::new(id, Data::Copied(copies), &mut self.spare);
+            self.segments.push_back(s);
         }
-        let Some(c) = self.chunks.back_mut() else { return };
-        let before = c.buf.len();
-        if !self.run.as_ref().is_some_and(|r| r.continued_by(m)) {
-            let run = Run::of(m);
-            self.run = Some(run);
-            c.buf.extend_from_slice(&run.head());
-        }
-        let mut head = [0u8; MSG_HEAD];
-        head[0] = m.qos as u8 | if plain { 0 } else { SHARED };
-        head[1..9].copy_from_slice(&sent.to_le_bytes());
-        head[9..17].copy_from_slice(&m.stamp.to_le_bytes());
-        head[17..19].copy_from_slice(&(m.topic.len() as u16).to_le_bytes());
-        head[19..23].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        c.buf.extend_from_slice(&head);
-        c.buf.extend_from_slice(m.topic.as_bytes());
-        c.buf.extend_from_slice(payload);
-        c.count += 1;
-        c.newest = c.newest.max(m.arrived);
-        self.bytes += c.buf.len() - before;
+        let Some(s) = self.segments.back_mut() else { return };
+        let Data::Copied(v) = &mut s.data else { return };
+        let at = v.len();
+        v.extend_from_slice(m.topic.as_bytes());
+        v.extend_from_slice(payload);
+        let e = Entry {
+            topic_at: at as u32,
+            payload_at: (at + m.topic.len()) as u32,
+            payload_len: payload.len() as u32,
+            topic_len: m.topic.len() as u16,
+            flags: m.qos as u8 | if plain { 0 } else { SHARED },
+        };
+        s.push(e, sent, m);
+        s.bytes += n + ENTRY;
+        self.bytes += n + ENTRY;
     }
 
-    /// Drops the oldest chunks while everything in them arrived before `before`, or while the
+    /// Drops the oldest segments while everything in them arrived before `before`, or while the
     /// rest still holds `MAX_ENTRIES` messages or `MAX_BYTES`: the list keeps at least the
-    /// window or the bounds, and at most one chunk more.
+    /// window or the bounds, and at most one segment more.
     pub fn trim(&mut self, before: u64) {
         let mut moved = false;
-        while let Some(c) = self.chunks.front() {
-            let old = c.newest < before;
-            let rest = (self.next - c.first - c.count) as usize;
-            if !old && rest < MAX_ENTRIES && self.bytes - c.buf.len() < MAX_BYTES {
+        while let Some(s) = self.segments.front() {
+            let old = s.newest < before;
+            let rest = (self.next - s.first - s.entries.len() as u64) as usize;
+            if !old && rest < MAX_ENTRIES && self.bytes - s.bytes < MAX_BYTES {
                 break;
             }
-            if let Some(mut c) = self.chunks.pop_front() {
-                self.bytes -= c.buf.len();
-                if c.buf.capacity() == CHUNK {
-                    c.buf.clear();
-                    self.spare = Some(c.buf);
+            if let Some(mut s) = self.segments.pop_front() {
+                self.bytes -= s.bytes;
+                if self.spare.len() < 4 {
+                    s.entries.clear();
+                    s.sent.clear();
+                    s.runs.clear();
+                    self.spare.push((s.entries, s.sent, s.runs));
+                }
+                if let Data::Copied(mut v) = s.data {
+                    if v.capacity() == CHUNK {
+                        v.clear();
+                        self.spare_copies = Some(v);
+                    }
                 }
             }
             moved = true;
@@ -248,6 +410,9 @@ impl Recent {
         while self.shared.front().is_some_and(|(id, _)| *id < first) {
             self.shared.pop_front();
         }
+        while self.stamps.front().is_some_and(|(id, _)| *id < first) {
+            self.stamps.pop_front();
+        }
         if !self.given.is_empty() {
             self.given = self.given.split_off(&first);
         }
@@ -257,49 +422,48 @@ impl Recent {
     /// what it says), oldest first.
     pub fn matching<T>(&self, since: u64, mut wanted: impl FnMut(&str) -> Option<T>) -> Vec<(Listed, T)> {
         let mut out = Vec::new();
-        for c in self.chunks.iter().filter(|c| c.newest > since) {
-            let (mut at, mut id, mut run) = (0, c.first, Run::default());
-            while let Some(r) = c.buf.get(at..).filter(|r| !r.is_empty()) {
-                if r[0] & RUN_MARK != 0 {
-                    let Some(next) = Run::read(r) else { break };
-                    run = next;
-                    at += RUN_HEAD;
+        for s in self.segments.iter().filter(|s| s.newest > since) {
+            let bytes = s.bytes();
+            let (mut runs, mut sents) = (s.runs.iter().peekable(), s.sent.iter().peekable());
+            let (mut run, mut sent) = (Run::default(), 0);
+            for (i, (id, e)) in (s.first..).zip(&s.entries).enumerate() {
+                while let Some((_, r)) = runs.next_if(|(at, _)| *at as usize <= i) {
+                    run = *r;
+                }
+                while let Some((_, x)) = sents.next_if(|(at, _)| *at as usize <= i) {
+                    sent = *x;
+                }
+                if run.arrived <= since {
                     continue;
                 }
-                if r.len() < MSG_HEAD {
-                    break;
-                }
-                let topic_len = u16::from_le_bytes(field(r, 17)) as usize;
-                let len = MSG_HEAD + topic_len + u32::from_le_bytes(field(r, 19)) as usize;
-                if len > r.len() {
-                    break;
-                }
-                let Some(qos) = QoS::from_u8(r[0] & 3) else { break };
-                let topic = std::str::from_utf8(&r[MSG_HEAD..MSG_HEAD + topic_len]).ok();
-                if let Some((topic, t)) = topic.filter(|_| run.arrived > since).and_then(|tp| Some((tp, wanted(tp)?))) {
-                    let msg = if r[0] & SHARED == 0 {
-                        let view = View {
-                            topic,
-                            payload: &r[MSG_HEAD + topic_len..len],
-                            qos,
-                            origin: run.source.origin,
-                            publisher: run.source.publisher,
-                            stamp: u64::from_le_bytes(field(r, 9)),
-                            read_at: run.source.read_at,
-                            ..View::default()
-                        };
-                        Some(view.to_message())
-                    } else {
-                        let i = self.shared.partition_point(|(i, _)| *i < id);
-                        self.shared.get(i).filter(|(i, _)| *i == id).map(|(_, m)| m.clone())
+                let (t, p) = (e.topic_at as usize, e.payload_at as usize);
+                let topic = bytes.get(t..t + e.topic_len as usize).and_then(|t| std::str::from_utf8(t).ok());
+                let payload = bytes.get(p..p + e.payload_len as usize);
+                let (Some(topic), Some(payload), Some(qos)) = (topic, payload, QoS::from_u8(e.flags & 3)) else {
+                    continue;
+                };
+                let Some(t) = wanted(topic) else { continue };
+                let msg = if e.flags & SHARED == 0 {
+                    let i = self.stamps.partition_point(|(i, _)| *i < id);
+                    let stamp = self.stamps.get(i).filter(|(i, _)| *i == id).map_or(0, |(_, s)| *s);
+                    let view = View {
+                        topic,
+                        payload,
+                        qos,
+                        origin: run.source.origin,
+                        publisher: run.source.publisher,
+                        read_at: run.source.read_at,
+                        stamp,
+                        ..View::default()
                     };
-                    if let Some(msg) = msg {
-                        let sent = u64::from_le_bytes(field(r, 1));
-                        out.push((Listed { seq: id as u32, sent, msg, id }, t));
-                    }
+                    Some(view.to_message())
+                } else {
+                    let i = self.shared.partition_point(|(i, _)| *i < id);
+                    self.shared.get(i).filter(|(i, _)| *i == id).map(|(_, m)| m.clone())
+                };
+                if let Some(msg) = msg {
+                    out.push((Listed { seq: id as u32, sent, msg, id }, t));
                 }
-                at += len;
-                id += 1;
             }
         }
         out
@@ -345,18 +509,20 @@ mod tests {
         for i in 0..(MAX_ENTRIES as u64 + 10) {
             list(&mut r, 1_000 + i, "a", &[]);
         }
-        let per_chunk = CHUNK / (RUN_HEAD + MSG_HEAD + 1 + 7);
-        assert!(r.len() >= MAX_ENTRIES && r.len() <= MAX_ENTRIES + per_chunk, "{}", r.len());
+        // Each message copied alone (no read is being handled): a segment holds as many as it
+        // has entries for.
+        let per_segment = SEGMENT_ENTRIES;
+        assert!(r.len() >= MAX_ENTRIES && r.len() <= MAX_ENTRIES + per_segment, "{}", r.len());
         assert_eq!(topics(&r, 0, "a").len(), r.len());
-        // A full chunk later, everything older than the window goes but what shares a chunk with
+        // A full segment later, everything older than the window goes but what shares a segment with
         // a newer message.
-        for i in 0..=per_chunk as u64 {
+        for i in 0..=per_segment as u64 {
             list(&mut r, 10 * WINDOW_NS + i, "a", &[1]);
         }
-        assert!(r.len() <= 2 * per_chunk + 1 && r.chunks.len() <= 2, "{} in {}", r.len(), r.chunks.len());
-        assert_eq!(topics(&r, 10 * WINDOW_NS - 1, "a").len(), per_chunk + 1);
+        assert!(r.len() <= 2 * per_segment + 1 && r.segments.len() <= 2, "{} in {}", r.len(), r.segments.len());
+        assert_eq!(topics(&r, 10 * WINDOW_NS - 1, "a").len(), per_segment + 1);
         r.trim(u64::MAX);
-        assert_eq!((r.len(), r.chunks.len(), r.bytes), (0, 0, 0));
+        assert_eq!((r.len(), r.segments.len(), r.bytes), (0, 0, 0));
         let big = "b".repeat(60_000);
         for i in 0..200 {
             list(&mut r, 20 * WINDOW_NS + i, &big, &[]);
@@ -396,25 +562,25 @@ mod tests {
     }
 
     #[test]
-    fn records_cross_chunks_and_chunks_go_with_their_records() {
+    fn records_cross_segments_and_segments_go_with_their_records() {
         let mut r = Recent::new(2, true);
         let big = "t/".to_string() + &"x".repeat(1000);
         for i in 0..1000u64 {
             list(&mut r, 1_000 + i, &format!("{big}/{i}"), &[]);
         }
-        assert!(r.chunks.len() > 2);
+        assert!(r.segments.len() > 2);
         let got = topics(&r, 1_500, "t/");
         assert_eq!((got.len(), got[0].clone(), got[498].clone()), (499, format!("{big}/501"), format!("{big}/999")));
-        let before = r.chunks.len();
+        let before = r.segments.len();
         r.trim(1_900);
         let got = topics(&r, 1_899, "t/");
         assert_eq!((got.len(), got[0].clone()), (100, format!("{big}/900")));
-        assert!(r.chunks.len() < before / 2, "chunks of old messages go: {} of {before}", r.chunks.len());
-        assert!(topics(&r, 0, "t/").len() < 100 + CHUNK / 1000, "at most a chunk more is kept");
+        assert!(r.segments.len() < before / 2, "segments of old messages go: {} of {before}", r.segments.len());
+        assert!(topics(&r, 0, "t/").len() < 100 + CHUNK / 1000, "at most a segment more is kept");
     }
 
     #[test]
-    fn a_run_from_one_read_shares_one_head_and_each_message_keeps_what_routing_needs() {
+    fn a_run_of_copies_from_one_read_is_kept_once_and_each_message_keeps_what_routing_needs() {
         let mut r = Recent::new(4, true);
         let one = Publisher { worker: 1, conn: 7, conn_uid: 70 };
         let other = Publisher { worker: 1, conn: 8, conn_uid: 80 };
@@ -439,9 +605,9 @@ mod tests {
             let id = r.next_id(true);
             r.record(v, id, peers, &mut None);
         }
-        let c = r.chunks.back().expect("a chunk");
-        let data: usize = routed.iter().map(|(v, _)| MSG_HEAD + 2 * v.topic.len()).sum();
-        assert_eq!(c.buf.len(), 2 * RUN_HEAD + data, "one head for the first three, one for the fourth");
+        let c = r.segments.back().expect("a segment");
+        let data: usize = routed.iter().map(|(v, _)| 2 * v.topic.len()).sum();
+        assert_eq!((c.bytes().len(), c.runs.len()), (data, 2), "one run for the first three, one for the fourth");
         let found = r.matching(99, |t| Some(t.to_string()));
         assert_eq!(found.len(), 4);
         for ((l, topic), (v, peers)) in found.iter().zip(&routed) {
@@ -467,5 +633,143 @@ mod tests {
         assert_eq!(found.len(), 2);
         assert!(found[0].0.msg.properties.is_some() && found[1].0.msg.properties.is_none());
         assert_eq!(&found[0].0.msg.payload[..], b"x");
+    }
+
+    /// Where a message's topic and payload lie in a read.
+    type Lies = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+    /// A read of `n` messages on `t/0`.. with payloads `p0`.., each behind a few bytes of
+    /// something else, as packets would be; and where each topic and payload lies in it.
+    fn read(n: usize) -> (bytes::BytesMut, Vec<Lies>) {
+        let mut buf = bytes::BytesMut::new();
+        let mut at = Vec::new();
+        for i in 0..n {
+            buf.extend_from_slice(&[0x30, 0, 0, 0]);
+            let t = buf.len();
+            buf.extend_from_slice(format!("t/{i}").as_bytes());
+            let p = buf.len();
+            buf.extend_from_slice(format!("p{i}").as_bytes());
+            at.push((t..p, p..buf.len()));
+        }
+        buf.resize(buf.len().max(PASS_MIN), 0);
+        (buf, at)
+    }
+
+    /// What one read's messages share.
+    fn from_read<'a>(buf: &'a [u8], (t, p): &Lies) -> View<'a> {
+        View {
+            topic: std::str::from_utf8(&buf[t.clone()]).expect("utf-8"),
+            payload: &buf[p.clone()],
+            qos: QoS::AtLeastOnce,
+            origin: Some((1, 2)),
+            publisher: Some(Publisher { worker: 1, conn: 3, conn_uid: 4 }),
+            read_at: Some(77),
+            arrived: 500,
+            ..View::default()
+        }
+    }
+
+    #[test]
+    fn a_read_is_kept_as_it_came_and_its_messages_point_into_it() {
+        let mut r = Recent::new(4, true);
+        let (mut buf, at) = read(100);
+        r.begin_pass(&buf[..]);
+        for (i, a) in at.iter().enumerate() {
+            let v = from_read(&buf, a);
+            let id = r.next_id(true);
+            r.record(&v, id, if i < 50 { &[1] } else { &[2, 3] }, &mut None);
+        }
+        assert!(r.pass_listed() && r.segments.is_empty(), "the pass's segment waits for its bytes");
+        let end = at[99].1.end;
+        let base = buf.as_ptr();
+        let kept = buf.split_to(end).freeze();
+        assert_eq!(kept.as_ptr(), base, "the same bytes, not a copy");
+        r.end_pass(Some((kept, end + 1000)));
+        // The buffer goes on being read into: the list's bytes do not change.
+        buf.clear();
+        buf.extend_from_slice(&[0xff; 64]);
+        let s = r.segments.back().expect("listed");
+        assert!(matches!(s.data, Data::Kept(_)));
+        assert_eq!((s.entries.len(), s.runs.len(), s.sent.len()), (100, 1, 2), "one run, two sets of peers");
+        assert_eq!(r.bytes, end + 1000 + 100 * ENTRY, "counted as the memory it keeps");
+        let found = r.matching(499, |t| Some(t.to_string()));
+        assert_eq!(found.len(), 100);
+        for (i, (l, topic)) in found.iter().enumerate() {
+            assert_eq!((topic.as_str(), &l.msg.payload[..]), (format!("t/{i}").as_str(), format!("p{i}").as_bytes()));
+            assert_eq!((l.seq, l.sent), (i as u32 + 1, if i < 50 { 0b10 } else { 0b1100 }));
+            let m = &l.msg;
+            assert_eq!((m.qos, m.origin, m.read_at), (QoS::AtLeastOnce, Some((1, 2)), Some(77)));
+            assert_eq!(m.publisher, Some(Publisher { worker: 1, conn: 3, conn_uid: 4 }));
+        }
+        assert!(r.matching(500, |_| Some(())).is_empty(), "arrived at 500: not after 500");
+    }
+
+    #[test]
+    fn what_is_routed_from_elsewhere_during_a_read_is_copied_in_its_place() {
+        let mut r = Recent::new(2, true);
+        let (mut buf, at) = read(4);
+        r.begin_pass(&buf[..]);
+        let route = |r: &mut Recent, v: &View<'_>| {
+            let id = r.next_id(true);
+            r.record(v, id, &[], &mut None);
+        };
+        route(&mut r, &from_read(&buf, &at[0]));
+        route(&mut r, &from_read(&buf, &at[1]));
+        // A will, say: its bytes are not in the read.
+        let will = Message::plain("will", bytes::Bytes::from_static(b"gone"), QoS::AtMostOnce, false);
+        route(&mut r, &View { arrived: 600, ..super::super::deliver::view(&will) });
+        // The read's next messages come after it: copied too, so numbers stay in order.
+        route(&mut r, &from_read(&buf, &at[2]));
+        route(&mut r, &from_read(&buf, &at[3]));
+        let kept = buf.split_to(at[3].1.end).freeze();
+        r.end_pass(Some((kept, 0)));
+        buf.clear();
+        buf.resize(PASS_MIN, b'x');
+        let got: Vec<_> = r
+            .matching(0, |t| Some(t.to_string()))
+            .into_iter()
+            .map(|(l, t)| (l.seq, t, String::from_utf8_lossy(&l.msg.payload).into_owned()))
+            .collect();
+        let want = [(1, "t/0", "p0"), (2, "t/1", "p1"), (3, "will", "gone"), (4, "t/2", "p2"), (5, "t/3", "p3")];
+        assert_eq!(got, want.map(|(s, t, p)| (s, t.to_string(), p.to_string())));
+        assert_eq!(r.segments.len(), 2, "the read's segment, then one of copies");
+    }
+
+    #[test]
+    fn a_short_read_is_copied_and_a_read_without_its_bytes_lists_nothing() {
+        let mut r = Recent::new(2, true);
+        let short = b"t/ap";
+        r.begin_pass(short);
+        assert!(r.pass.is_none(), "shorter than PASS_MIN: messages are copied");
+        let (buf, at) = read(3);
+        r.begin_pass(&buf[..]);
+        for a in &at {
+            let id = r.next_id(true);
+            r.record(&from_read(&buf, a), id, &[], &mut None);
+        }
+        // Bytes that are not the pass's (a broken caller): kept nowhere, found nowhere, trimmed.
+        r.end_pass(Some((bytes::Bytes::from_static(b"elsewhere"), 0)));
+        assert_eq!(r.len(), 3);
+        assert!(r.matching(0, |_| Some(())).is_empty());
+        r.trim(u64::MAX);
+        assert_eq!((r.len(), r.bytes), (0, 0));
+    }
+
+    #[test]
+    fn kept_reads_count_the_memory_they_keep() {
+        let mut r = Recent::new(2, true);
+        // One message per read, each read keeping a 128 KiB buffer from being freed.
+        for i in 0..500u64 {
+            let (mut buf, at) = read(1);
+            r.begin_pass(&buf[..]);
+            let id = r.next_id(true);
+            r.record(&View { arrived: 1_000 + i, ..from_read(&buf, &at[0]) }, id, &[], &mut None);
+            let kept = buf.split_to(at[0].1.end).freeze();
+            r.end_pass(Some((kept, 128 << 10)));
+        }
+        let most = MAX_BYTES / (128 << 10) + 1;
+        assert!(r.bytes <= MAX_BYTES + (128 << 10) + 2 * ENTRY, "{}", r.bytes);
+        assert!(r.len() <= most && r.segments.len() == r.len(), "{} kept of 500", r.len());
+        assert_eq!(topics(&r, 0, "t/").len(), r.len());
     }
 }

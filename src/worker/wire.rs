@@ -137,12 +137,34 @@ impl Worker {
     /// Handles every complete packet in `buf`. Returns false when the connection is closed or
     /// blocked (its remaining bytes stay in `buf`).
     pub(super) fn process(&mut self, k: ConnKey, uid: u64, buf: &mut BytesMut) -> bool {
+        let mut at = 0;
+        let go_on = self.process_from(k, uid, buf, &mut at);
+        self.consume(buf, at);
+        go_on
+    }
+
+    /// Ends a pass over `buf`: its first `at` bytes are handled. Kept by the arrival-order list
+    /// if it listed messages from them (sharing the buffer, not copied), else dropped.
+    fn consume(&mut self, buf: &mut BytesMut, at: usize) {
+        if self.recent.pass_listed() {
+            let pinned = buf.capacity();
+            self.recent.end_pass(Some((buf.split_to(at).freeze(), pinned)));
+        } else {
+            buf.advance(at);
+            self.recent.end_pass(None);
+        }
+    }
+
+    /// `process` from `at`: handled PUBLISHes stay in `buf` (`at` moves past them) until the
+    /// pass ends, at the next other packet or at the end.
+    fn process_from(&mut self, k: ConnKey, uid: u64, buf: &mut BytesMut, at: &mut usize) -> bool {
         let max = self.shared.config.max_packet_size as usize;
         loop {
             let version = self.conns[k].version;
-            let (first, hl, size) = match next_frame(buf, version, max) {
+            let (first, hl, size) = match next_frame(&buf[*at..], version, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
+                    self.consume(buf, std::mem::take(at));
                     // Make room for the whole packet once its size is known (bounded by `max`),
                     // if `max_partial_bytes` has room for it.
                     if let Ok(Some((_, hl, rem))) = parse_fixed_header(buf) {
@@ -168,16 +190,20 @@ impl Worker {
                     self.starve(k, uid);
                     return false;
                 }
+                // The messages routed from here on are listed where they lie in `buf`, which
+                // does not change until the pass ends.
+                self.recent.begin_pass(&buf[..]);
                 let v = version.unwrap_or(ProtocolVersion::V311);
-                match PublishRef::parse(&buf[hl..size], first & 0x0f, v) {
+                match PublishRef::parse(&buf[*at + hl..*at + size], first & 0x0f, v) {
                     Ok(p) => self.on_publish(k, p),
                     Err(e) => {
                         self.protocol_error(k, &e);
                         return false;
                     }
                 }
-                buf.advance(size);
+                *at += size;
             } else {
+                self.consume(buf, std::mem::take(at));
                 // A CONNECT waits for the end of the turn (and may move to another worker): decode
                 // it from its own copy, so it does not keep the 64 KiB read buffer alive meanwhile.
                 let mut own;
