@@ -32,10 +32,10 @@ const HAS_PUBLISHER: u8 = 1 << 3;
 const HAS_READ_AT: u8 = 1 << 4;
 
 /// Bytes of a `Source`.
-pub const SOURCE: usize = 6 + 14 + 8;
+const SOURCE: usize = 6 + 14 + 8;
 
-/// Where a message came from, laid out alike in a batch and in the arrival-order list: origin,
-/// publisher, read time; each one absent is zeros, with its flag unset.
+/// Where a message came from: origin, publisher, read time. In a batch each one absent is zeros,
+/// with its flag unset; the arrival-order list keeps it as it is, once per run of messages.
 #[derive(Clone, Copy, Default, PartialEq)]
 pub struct Source {
     pub origin: Option<(u16, u32)>,
@@ -44,8 +44,8 @@ pub struct Source {
 }
 
 impl Source {
-    /// Writes it into `b` (`SOURCE` bytes); returns its flags, which keep clear of bits 0, 1
-    /// and 7 (the flag byte's QoS and the list's run mark).
+    /// Writes it into `b` (`SOURCE` bytes); returns its flags, which keep clear of bits 0 and 1
+    /// (the flag byte's QoS).
     pub fn put(&self, b: &mut [u8]) -> u8 {
         let (ow, os) = self.origin.unwrap_or_default();
         let p = self.publisher.unwrap_or(Publisher { worker: 0, conn: 0, conn_uid: 0 });
