@@ -188,6 +188,11 @@ impl Pass {
         let Some(payload_at) = payload_at else { return false };
         let s = &mut self.segment;
         let i = s.entries.len();
+        // However small its messages, a read lists at most the list's count in place; the rest
+        // are copied, and copying trims the list.
+        if i == MAX_ENTRIES {
+            return false;
+        }
         if i == 0 {
             s.first = id;
             s.newest = m.arrived;
@@ -771,5 +776,22 @@ mod tests {
         assert!(r.bytes <= MAX_BYTES + (128 << 10) + 2 * ENTRY, "{}", r.bytes);
         assert!(r.len() <= most && r.segments.len() == r.len(), "{} kept of 500", r.len());
         assert_eq!(topics(&r, 0, "t/").len(), r.len());
+    }
+
+    #[test]
+    fn a_read_of_many_small_messages_lists_at_most_the_count_in_place() {
+        let mut r = Recent::new(2, true);
+        let (mut buf, at) = read(MAX_ENTRIES + 10);
+        r.begin_pass(&buf[..]);
+        for a in &at {
+            let id = r.next_id(true);
+            r.record(&from_read(&buf, a), id, &[], &mut None);
+        }
+        assert_eq!(r.pass.as_ref().map(|p| p.segment.entries.len()), Some(MAX_ENTRIES));
+        let kept = buf.split_to(at[MAX_ENTRIES + 9].1.end).freeze();
+        r.end_pass(Some((kept, 0)));
+        let found = topics(&r, 0, "t/");
+        assert_eq!(found.len(), r.len());
+        assert_eq!(found.last().map(String::as_str), Some(format!("t/{}", MAX_ENTRIES + 9).as_str()));
     }
 }
