@@ -9,7 +9,8 @@
 //! payload lie, its QoS) in a segment whose peers-sent-to and run (arrival stamp, origin,
 //! publisher, read time: one per read) are kept once for consecutive entries; when the pass
 //! ends, the bytes as read are kept with it (`Bytes` that share the read buffer, which the next
-//! reads leave for a new one), counted as all the buffer memory they keep. A short read (a
+//! reads leave for a new one), counted as the whole read buffer they keep (`KEPT_BUFFER`). A
+//! read in a large packet's own buffer is not kept. A short read (a
 //! message or two at a steady rate, `PASS_MIN`) and a message from anywhere else (a will,
 //! `$SYS`, a bridge's remapped topic) are copied, message after message, into a segment of
 //! copies instead. No allocation per message. Segments hold consecutive sequence numbers, so
@@ -43,7 +44,12 @@ const CHUNK: usize = 64 * 1024;
 const SEGMENT_ENTRIES: usize = 1024;
 /// A read shorter than this is copied message by message rather than kept: keeping it would
 /// pin a read buffer for a message or two.
-pub const PASS_MIN: usize = 4096;
+const PASS_MIN: usize = 4096;
+/// A kept read keeps its whole read buffer from being freed, bytes before it included (handled
+/// and dropped, but in the same allocation), and no buffer says how large it is. So a read is
+/// kept only from an ordinary read buffer (at most this much from the read's start to the
+/// buffer's end: a large packet's own buffer is not one) and counts this much at least.
+const KEPT_BUFFER: usize = 2 * super::READ_CHUNK;
 /// What an entry costs the list's byte bound.
 const ENTRY: usize = std::mem::size_of::<Entry>();
 
@@ -127,13 +133,19 @@ impl Segment {
         self.first + self.entries.len() as u64 == id
     }
 
+    /// The next entry went to `sent`: a new run of peers if the last entry's differ.
+    #[inline]
+    fn sent_to(&mut self, sent: u64) {
+        if self.sent.last().is_none_or(|(_, s)| *s != sent) {
+            self.sent.push((self.entries.len() as u32, sent));
+        }
+    }
+
     /// Adds an entry; `m` is the message, `sent` where it went.
     #[inline]
     fn push(&mut self, e: Entry, sent: u64, m: &View<'_>) {
         let i = self.entries.len() as u32;
-        if self.sent.last().is_none_or(|(_, s)| *s != sent) {
-            self.sent.push((i, sent));
-        }
+        self.sent_to(sent);
         if !self.runs.last().is_some_and(|(_, r)| r.continued_by(m)) {
             self.runs.push((i, Run::of(m)));
         }
@@ -165,8 +177,6 @@ struct Pass {
     base: usize,
     len: usize,
     segment: Segment,
-    /// Where the last entry was sent.
-    sent: u64,
 }
 
 impl Pass {
@@ -197,14 +207,10 @@ impl Pass {
             s.first = id;
             s.newest = m.arrived;
             s.runs.push((0, Run::of(m)));
-            s.sent.push((0, sent));
-            self.sent = sent;
         } else if s.first + i as u64 != id || m.arrived != s.newest {
             return false;
-        } else if sent != self.sent {
-            s.sent.push((i as u32, sent));
-            self.sent = sent;
         }
+        s.sent_to(sent);
         debug_assert!(s.runs[0].1.continued_by(m), "one read, one run");
         s.entries.push(Entry {
             topic_at,
@@ -294,12 +300,14 @@ impl Recent {
         self.taken[peer]
     }
 
-    /// A read is handled from here: `read` is what is left of it. Its messages routed until
-    /// `end_pass` are listed where they lie in it, so until then the bytes must not change.
-    pub fn begin_pass(&mut self, read: &[u8]) {
-        if self.on && self.pass.is_none() && read.len() >= PASS_MIN && read.len() <= u32::MAX as usize {
+    /// A read is handled from here: `read` is what is left of it, and `buffer` the bytes from
+    /// its start to the end of the buffer it is in. Its messages routed until `end_pass` are
+    /// listed where they lie in it, so until then the bytes must not change.
+    pub fn begin_pass(&mut self, read: &[u8], buffer: usize) {
+        if self.on && self.pass.is_none() && read.len() >= PASS_MIN && buffer <= KEPT_BUFFER {
+            // No bytes until the pass ends and keeps them.
             let segment = Segment::new(0, Data::Copied(Vec::new()), &mut self.spare);
-            self.pass = Some(Pass { base: read.as_ptr() as usize, len: read.len(), segment, sent: 0 });
+            self.pass = Some(Pass { base: read.as_ptr() as usize, len: read.len(), segment });
         }
     }
 
@@ -309,18 +317,17 @@ impl Recent {
     }
 
     /// The pass has ended; `kept` is its bytes up to where it ended, from its start, if it has
-    /// messages listed in it, with the memory they keep from being freed (the read buffer
-    /// from their start on: the next reads go to a new one), which is what they count against
-    /// `MAX_BYTES`. Its segment goes on the list in order.
-    pub fn end_pass(&mut self, kept: Option<(Bytes, usize)>) {
+    /// messages listed in it. They count a whole read buffer against `MAX_BYTES`
+    /// (`KEPT_BUFFER`). Its segment goes on the list in order.
+    pub fn end_pass(&mut self, kept: Option<Bytes>) {
         let Some(Pass { base, mut segment, .. }) = self.pass.take() else { return };
         if segment.entries.is_empty() {
             self.spare.push((segment.entries, segment.sent, segment.runs));
             return;
         }
         // Without its bytes (not the pass's), its entries find nothing; it is trimmed as any.
-        if let Some((kept, pinned)) = kept.filter(|(b, _)| b.as_ptr() as usize == base) {
-            segment.bytes = kept.len().max(pinned);
+        if let Some(kept) = kept.filter(|b| b.as_ptr() as usize == base) {
+            segment.bytes = kept.len().max(KEPT_BUFFER);
             segment.data = Data::Kept(kept);
         }
         segment.bytes += segment.entries.len() * ENTRY;
@@ -678,7 +685,7 @@ mod tests {
     fn a_read_is_kept_as_it_came_and_its_messages_point_into_it() {
         let mut r = Recent::new(4, true);
         let (mut buf, at) = read(100);
-        r.begin_pass(&buf[..]);
+        r.begin_pass(&buf[..], buf.capacity());
         for (i, a) in at.iter().enumerate() {
             let v = from_read(&buf, a);
             let id = r.next_id(true);
@@ -689,14 +696,14 @@ mod tests {
         let base = buf.as_ptr();
         let kept = buf.split_to(end).freeze();
         assert_eq!(kept.as_ptr(), base, "the same bytes, not a copy");
-        r.end_pass(Some((kept, end + 1000)));
+        r.end_pass(Some(kept));
         // The buffer goes on being read into: the list's bytes do not change.
         buf.clear();
         buf.extend_from_slice(&[0xff; 64]);
         let s = r.segments.back().expect("listed");
         assert!(matches!(s.data, Data::Kept(_)));
         assert_eq!((s.entries.len(), s.runs.len(), s.sent.len()), (100, 1, 2), "one run, two sets of peers");
-        assert_eq!(r.bytes, end + 1000 + 100 * ENTRY, "counted as the memory it keeps");
+        assert_eq!(r.bytes, KEPT_BUFFER + 100 * ENTRY, "counted as the read buffer it keeps");
         let found = r.matching(499, |t| Some(t.to_string()));
         assert_eq!(found.len(), 100);
         for (i, (l, topic)) in found.iter().enumerate() {
@@ -713,7 +720,7 @@ mod tests {
     fn what_is_routed_from_elsewhere_during_a_read_is_copied_in_its_place() {
         let mut r = Recent::new(2, true);
         let (mut buf, at) = read(4);
-        r.begin_pass(&buf[..]);
+        r.begin_pass(&buf[..], buf.capacity());
         let route = |r: &mut Recent, v: &View<'_>| {
             let id = r.next_id(true);
             r.record(v, id, &[], &mut None);
@@ -727,7 +734,7 @@ mod tests {
         route(&mut r, &from_read(&buf, &at[2]));
         route(&mut r, &from_read(&buf, &at[3]));
         let kept = buf.split_to(at[3].1.end).freeze();
-        r.end_pass(Some((kept, 0)));
+        r.end_pass(Some(kept));
         buf.clear();
         buf.resize(PASS_MIN, b'x');
         let got: Vec<_> = r
@@ -744,16 +751,16 @@ mod tests {
     fn a_short_read_is_copied_and_a_read_without_its_bytes_lists_nothing() {
         let mut r = Recent::new(2, true);
         let short = b"t/ap";
-        r.begin_pass(short);
+        r.begin_pass(short, short.len());
         assert!(r.pass.is_none(), "shorter than PASS_MIN: messages are copied");
         let (buf, at) = read(3);
-        r.begin_pass(&buf[..]);
+        r.begin_pass(&buf[..], buf.capacity());
         for a in &at {
             let id = r.next_id(true);
             r.record(&from_read(&buf, a), id, &[], &mut None);
         }
         // Bytes that are not the pass's (a broken caller): kept nowhere, found nowhere, trimmed.
-        r.end_pass(Some((bytes::Bytes::from_static(b"elsewhere"), 0)));
+        r.end_pass(Some(bytes::Bytes::from_static(b"elsewhere")));
         assert_eq!(r.len(), 3);
         assert!(r.matching(0, |_| Some(())).is_empty());
         r.trim(u64::MAX);
@@ -761,35 +768,42 @@ mod tests {
     }
 
     #[test]
-    fn kept_reads_count_the_memory_they_keep() {
+    fn kept_reads_count_the_read_buffer_they_keep_and_a_large_packets_buffer_is_not_kept() {
         let mut r = Recent::new(2, true);
-        // One message per read, each read keeping a 128 KiB buffer from being freed.
+        // One message per read, each read keeping a read buffer from being freed.
         for i in 0..500u64 {
             let (mut buf, at) = read(1);
-            r.begin_pass(&buf[..]);
+            r.begin_pass(&buf[..], buf.capacity());
             let id = r.next_id(true);
             r.record(&View { arrived: 1_000 + i, ..from_read(&buf, &at[0]) }, id, &[], &mut None);
             let kept = buf.split_to(at[0].1.end).freeze();
-            r.end_pass(Some((kept, 128 << 10)));
+            r.end_pass(Some(kept));
         }
-        let most = MAX_BYTES / (128 << 10) + 1;
-        assert!(r.bytes <= MAX_BYTES + (128 << 10) + 2 * ENTRY, "{}", r.bytes);
+        let most = MAX_BYTES / KEPT_BUFFER + 1;
+        assert!(r.bytes <= MAX_BYTES + KEPT_BUFFER + 2 * ENTRY, "{}", r.bytes);
         assert!(r.len() <= most && r.segments.len() == r.len(), "{} kept of 500", r.len());
         assert_eq!(topics(&r, 0, "t/").len(), r.len());
+        // A read in a buffer larger than an ordinary one (a large packet's): copied, not kept.
+        let (buf, at) = read(1);
+        r.begin_pass(&buf[..], KEPT_BUFFER + 1);
+        assert!(r.pass.is_none());
+        let id = r.next_id(true);
+        r.record(&View { arrived: 2_000, ..from_read(&buf, &at[0]) }, id, &[], &mut None);
+        assert!(matches!(r.segments.back().map(|s| &s.data), Some(Data::Copied(_))));
     }
 
     #[test]
     fn a_read_of_many_small_messages_lists_at_most_the_count_in_place() {
         let mut r = Recent::new(2, true);
         let (mut buf, at) = read(MAX_ENTRIES + 10);
-        r.begin_pass(&buf[..]);
+        r.begin_pass(&buf[..], buf.capacity());
         for a in &at {
             let id = r.next_id(true);
             r.record(&from_read(&buf, a), id, &[], &mut None);
         }
         assert_eq!(r.pass.as_ref().map(|p| p.segment.entries.len()), Some(MAX_ENTRIES));
         let kept = buf.split_to(at[MAX_ENTRIES + 9].1.end).freeze();
-        r.end_pass(Some((kept, 0)));
+        r.end_pass(Some(kept));
         let found = topics(&r, 0, "t/");
         assert_eq!(found.len(), r.len());
         assert_eq!(found.last().map(String::as_str), Some(format!("t/{}", MAX_ENTRIES + 9).as_str()));

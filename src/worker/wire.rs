@@ -147,8 +147,7 @@ impl Worker {
     /// if it listed messages from them (sharing the buffer, not copied), else dropped.
     fn consume(&mut self, buf: &mut BytesMut, at: usize) {
         if self.recent.pass_listed() {
-            let pinned = buf.capacity();
-            self.recent.end_pass(Some((buf.split_to(at).freeze(), pinned)));
+            self.recent.end_pass(Some(buf.split_to(at).freeze()));
         } else {
             buf.advance(at);
             self.recent.end_pass(None);
@@ -192,7 +191,7 @@ impl Worker {
                 }
                 // The messages routed from here on are listed where they lie in `buf`, which
                 // does not change until the pass ends.
-                self.recent.begin_pass(&buf[..]);
+                self.recent.begin_pass(&buf[..], buf.capacity());
                 let v = version.unwrap_or(ProtocolVersion::V311);
                 match PublishRef::parse(&buf[*at + hl..*at + size], first & 0x0f, v) {
                     Ok(p) => self.on_publish(k, p),
