@@ -73,7 +73,14 @@ pub struct Subscribed {
 
 impl Router {
     pub fn new(workers: usize) -> Router {
-        Router { seen: vec![0; workers], ..Default::default() }
+        // With room from the start, on the worker's own thread (see `Worker::new`'s scratch).
+        let memo = Memo {
+            valid: false,
+            topic: String::with_capacity(256),
+            local: Vec::with_capacity(64),
+            peers: Vec::with_capacity(64),
+        };
+        Router { seen: vec![0; workers], memo, ..Default::default() }
     }
 
     /// Subscriptions held by this worker's sessions.
