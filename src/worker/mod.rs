@@ -298,7 +298,7 @@ impl Worker {
             // thread (one hosting or helping this worker) or from a chunk another worker freed,
             // both beside what the other worker writes for every message: a cache line the two
             // cores would fight over. With 2 workers that showed as about one run in four of
-            // fan-in at saturation costing 40% more per message.
+            // fan-in at saturation costing 20-55% more per message (README: Memory and allocation).
             scratch: Scratch {
                 read_buf: BytesMut::with_capacity(READ_CHUNK),
                 matches: Vec::with_capacity(64),
